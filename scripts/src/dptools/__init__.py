@@ -1,0 +1,1 @@
+"""Operator tooling for the data-processing platform."""
