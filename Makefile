@@ -1,0 +1,41 @@
+# Entry points of the project. `make demo` runs the main job, `make test` the whole test suite.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+STACK := scripts/stack.sh
+# Connection settings of the local stack, when it has been brought up.
+WITH_ENV := if [ -f .stack/env ]; then source .stack/env; fi;
+
+.PHONY: help up down status test lint migrate topics demo
+
+help:
+	@echo "make demo    stack up, migrations, topics (the main job)"
+	@echo "make test    the whole test suite (needs the stack: make up)"
+	@echo "make up | down | status   the local stack (Kafka, PostgreSQL, Redis, chDB)"
+	@echo "make migrate | topics     apply migrations / create topics on the running stack"
+	@echo "make lint    ruff + mypy"
+
+up:
+	@bash $(STACK) up
+
+down:
+	@bash $(STACK) down
+
+status:
+	@bash $(STACK) status
+
+# pytest exits 5 when it collects no test at all; that is not a failure of the suite.
+test:
+	@$(WITH_ENV) uv run --frozen pytest $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then rc=0; fi; exit $$rc
+
+lint:
+	uv run --frozen ruff check .
+	uv run --frozen mypy shared/src scripts/src service-*/src
+
+migrate:
+	@$(WITH_ENV) uv run --frozen python -m dptools.migrate all
+
+topics:
+	@$(WITH_ENV) uv run --frozen python -m dptools.topics create
+
+demo: up migrate topics
+	@$(WITH_ENV) uv run --frozen python -m dptools.topics list
