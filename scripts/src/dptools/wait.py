@@ -22,7 +22,8 @@ def kafka_ready(bootstrap: str, timeout_s: float) -> float:
     """
     start = time.monotonic()
     deadline = start + timeout_s
-    admin = AdminClient({"bootstrap.servers": bootstrap, "log_level": 0, "logger": _quiet_logger()})
+    # log_level 0: librdkafka's connection-refused chatter while the broker starts is expected.
+    admin = AdminClient({"bootstrap.servers": bootstrap, "log_level": 0})
     last_error = ""
     while True:
         remaining = deadline - time.monotonic()
@@ -35,16 +36,6 @@ def kafka_ready(bootstrap: str, timeout_s: float) -> float:
             continue
         if metadata.brokers:
             return time.monotonic() - start
-
-
-def _quiet_logger() -> object:
-    """A logger that drops librdkafka's connection-refused chatter while the broker starts."""
-    import logging
-
-    logger = logging.getLogger("dptools.wait.librdkafka")
-    logger.addHandler(logging.NullHandler())
-    logger.propagate = False
-    return logger
 
 
 def main(argv: list[str] | None = None) -> int:
