@@ -1,0 +1,584 @@
+"""Raw tick bytes -> a normalized tick or a rejection, with no I/O.
+
+The rules are the external contract's "Raw tick" table; where the contract leaves room, the choices
+made here are written down in `service-normalization/README.md` ("Parsing rules"). Everything in this
+module is pure: the current time comes in as an argument, so every outcome is reproducible.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import uuid
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from decimal import ROUND_HALF_EVEN, Decimal, InvalidOperation
+from enum import StrEnum
+from typing import Any
+
+import orjson
+from dataproc_shared.records import (
+    CORRELATION_HEADER,
+    INGEST_TIME_HEADER,
+    AuditEvent,
+    BatchResult,
+    DeadLetter,
+    DeadLetterReason,
+    InRecord,
+    OutRecord,
+)
+
+from normalization.dedup import DedupEntry, DedupWindow, dedup_key
+
+_INT64_MAX = 2**63 - 1
+_INT64_MIN = -(2**63)
+
+#: Longest accepted `venue`, `symbol` and `trade_id` (bounds the dedup memory and the key size).
+MAX_VENUE_LEN = 32
+MAX_SYMBOL_LEN = 64
+MAX_TRADE_ID_LEN = 128
+
+#: Magnitude bounds (exclusive) telling epoch units apart: below 1e11 seconds (up to year 5138),
+#: below 1e14 milliseconds, below 1e17 microseconds, nanoseconds above.
+_EPOCH_UNITS: tuple[tuple[Decimal, int], ...] = (
+    (Decimal("1e11"), 1_000_000_000),
+    (Decimal("1e14"), 1_000_000),
+    (Decimal("1e17"), 1_000),
+)
+
+_DECIMAL_RE = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
+_NON_FINITE_WORDS = frozenset({"nan", "inf", "infinity"})
+_INTEGER_RE = re.compile(r"[+-]?\d+")
+_ISO_RE = re.compile(
+    r"(?P<y>\d{4})-(?P<mo>\d{2})-(?P<d>\d{2})[Tt ]"
+    r"(?P<h>\d{2}):(?P<mi>\d{2})(?::(?P<s>\d{2})(?:[.,](?P<frac>\d{1,9}))?)?"
+    r"(?P<tz>[Zz]|[+-]\d{2}(?::?\d{2})?)?"
+)
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+class TickKind(StrEnum):
+    """Kind of a normalized tick; the values are the Avro enum symbols."""
+
+    TRADE = "TRADE"
+    QUOTE = "QUOTE"
+
+
+@dataclass(frozen=True, slots=True)
+class NormalizedTick:
+    """One validated tick, field for field the `normalized_tick.v1` Avro record."""
+
+    venue: str
+    symbol: str
+    kind: TickKind
+    ts_ns: int
+    ingest_ns: int
+    source_partition: int
+    source_offset: int
+    seq: int | None = None
+    trade_id: str | None = None
+    price: float | None = None
+    size: float | None = None
+    bid: float | None = None
+    ask: float | None = None
+    bid_size: float | None = None
+    ask_size: float | None = None
+
+    @property
+    def key(self) -> str:
+        """The canonical instrument key `VENUE:SYMBOL`."""
+        return f"{self.venue}:{self.symbol}"
+
+    def to_avro(self) -> dict[str, Any]:
+        """The record as the Avro writer takes it."""
+        return {
+            "venue": self.venue,
+            "symbol": self.symbol,
+            "kind": self.kind.value,
+            "ts_ns": self.ts_ns,
+            "seq": self.seq,
+            "trade_id": self.trade_id,
+            "price": self.price,
+            "size": self.size,
+            "bid": self.bid,
+            "ask": self.ask,
+            "bid_size": self.bid_size,
+            "ask_size": self.ask_size,
+            "ingest_ns": self.ingest_ns,
+            "source_partition": self.source_partition,
+            "source_offset": self.source_offset,
+        }
+
+    @classmethod
+    def from_avro(cls, record: Mapping[str, Any]) -> NormalizedTick:
+        """Inverse of `to_avro`."""
+        fields = dict(record)
+        fields["kind"] = TickKind(fields["kind"])
+        return cls(**fields)
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    """Why a raw record cannot become a tick: a dead-letter reason code and a human-readable detail."""
+
+    reason: DeadLetterReason
+    detail: str
+
+
+class _Reject(Exception):
+    def __init__(self, reason: DeadLetterReason, detail: str) -> None:
+        super().__init__(detail)
+        self.rejection = Rejection(reason, detail)
+
+
+@dataclass(frozen=True, slots=True)
+class Lineage:
+    """Where a raw record came from and when it reached Kafka."""
+
+    ingest_ns: int
+    source_partition: int
+    source_offset: int
+
+
+def parse_tick(
+    value: bytes | None, *, lineage: Lineage, now_ns: int, max_future_skew_ns: int
+) -> NormalizedTick | Rejection:
+    """Turn the bytes of one raw-tick message into a `NormalizedTick`, or say why not.
+
+    `now_ns` is the moment the message is read (UTC epoch ns); a tick whose event time is more than
+    `max_future_skew_ns` after it is rejected as `future_timestamp`. Never raises on any input.
+    """
+    try:
+        obj = _decode(value)
+        return _build(obj, lineage, now_ns, max_future_skew_ns)
+    except _Reject as reject:
+        return reject.rejection
+
+
+# --- decoding -----------------------------------------------------------------------------------
+
+
+def _decode(value: bytes | None) -> dict[str, Any]:
+    if not value:
+        raise _Reject(DeadLetterReason.NOT_JSON, "empty message")
+    try:
+        obj = orjson.loads(value)
+    except orjson.JSONDecodeError:
+        obj = _decode_slow(value)
+    if not isinstance(obj, dict):
+        raise _Reject(DeadLetterReason.NOT_OBJECT, f"JSON {type(obj).__name__}, not an object")
+    return obj
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _decode_slow(value: bytes) -> Any:
+    """Second opinion after the fast parser failed.
+
+    Tells bad UTF-8 from bad JSON, and accepts the valid JSON the fast parser refuses (numbers too
+    large for a double, which then fail the finite check).
+    """
+    try:
+        text = value.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise _Reject(DeadLetterReason.NOT_UTF8, f"invalid UTF-8 at byte {exc.start}") from None
+    try:
+        return json.loads(text, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as exc:
+        raise _Reject(DeadLetterReason.NOT_JSON, _short(str(exc))) from None
+
+
+# --- building -----------------------------------------------------------------------------------
+
+
+def _build(obj: dict[str, Any], lineage: Lineage, now_ns: int, max_future_skew_ns: int) -> NormalizedTick:
+    venue = _identifier(obj, "venue", MAX_VENUE_LEN)
+    if ":" in venue:
+        raise _Reject(DeadLetterReason.BAD_FIELD, "venue must not contain ':'")
+    symbol = _identifier(obj, "symbol", MAX_SYMBOL_LEN)
+    kind = _kind(obj)
+    if "ts" not in obj or obj["ts"] is None:
+        raise _Reject(DeadLetterReason.MISSING_FIELD, "ts is missing")
+    ts_ns = _parse_timestamp(obj["ts"])
+    if ts_ns - now_ns > max_future_skew_ns:
+        ahead_ms = (ts_ns - now_ns) // 1_000_000
+        raise _Reject(DeadLetterReason.FUTURE_TIMESTAMP, f"ts is {ahead_ms} ms ahead of the clock")
+    seq = _seq(obj.get("seq"))
+    price = size = bid = ask = bid_size = ask_size = None
+    trade_id = None
+    if kind is TickKind.TRADE:
+        price = _required_number(obj, "price")
+        size = _required_number(obj, "size")
+        if size <= 0:
+            raise _Reject(DeadLetterReason.BAD_SIZE, f"trade size must be > 0, got {size!r}")
+        trade_id = _trade_id(obj.get("trade_id"))
+    else:
+        bid = _number(obj, "bid")
+        ask = _number(obj, "ask")
+        if bid is None and ask is None:
+            raise _Reject(DeadLetterReason.EMPTY_QUOTE, "quote has neither bid nor ask")
+        if bid is not None and ask is not None and bid > ask:
+            raise _Reject(DeadLetterReason.CROSSED_QUOTE, f"bid {bid!r} > ask {ask!r}")
+        bid_size = _number(obj, "bid_size")
+        ask_size = _number(obj, "ask_size")
+        for name, quote_size in (("bid_size", bid_size), ("ask_size", ask_size)):
+            if quote_size is not None and quote_size < 0:
+                raise _Reject(DeadLetterReason.BAD_SIZE, f"{name} must be >= 0, got {quote_size!r}")
+    return NormalizedTick(
+        venue=venue,
+        symbol=symbol,
+        kind=kind,
+        ts_ns=ts_ns,
+        ingest_ns=lineage.ingest_ns,
+        source_partition=lineage.source_partition,
+        source_offset=lineage.source_offset,
+        seq=seq,
+        trade_id=trade_id,
+        price=price,
+        size=size,
+        bid=bid,
+        ask=ask,
+        bid_size=bid_size,
+        ask_size=ask_size,
+    )
+
+
+def _identifier(obj: dict[str, Any], name: str, max_len: int) -> str:
+    raw = obj.get(name)
+    if raw is None:
+        raise _Reject(DeadLetterReason.MISSING_FIELD, f"{name} is missing")
+    if not isinstance(raw, str):
+        raise _Reject(DeadLetterReason.BAD_FIELD, f"{name} must be a string, got {type(raw).__name__}")
+    text = raw.strip().upper()
+    if not text:
+        raise _Reject(DeadLetterReason.MISSING_FIELD, f"{name} is empty")
+    if len(text) > max_len:
+        raise _Reject(DeadLetterReason.BAD_FIELD, f"{name} longer than {max_len} characters")
+    if not text.isprintable():
+        raise _Reject(DeadLetterReason.BAD_FIELD, f"{name} contains control characters")
+    _require_utf8(text, name)
+    return text
+
+
+def _require_utf8(text: str, name: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise _Reject(DeadLetterReason.BAD_FIELD, f"{name} is not valid Unicode") from None
+
+
+def _kind(obj: dict[str, Any]) -> TickKind:
+    raw = obj.get("type")
+    if raw is None:
+        if obj.get("price") is not None:
+            return TickKind.TRADE
+        raise _Reject(DeadLetterReason.MISSING_FIELD, "type is missing and there is no price")
+    if isinstance(raw, str):
+        lowered = raw.strip().lower()
+        if lowered == "trade":
+            return TickKind.TRADE
+        if lowered == "quote":
+            return TickKind.QUOTE
+    raise _Reject(DeadLetterReason.BAD_TYPE, f"type must be 'trade' or 'quote', got {_short(repr(raw))}")
+
+
+def _number(obj: dict[str, Any], name: str) -> float | None:
+    raw = obj.get(name)
+    return None if raw is None else _parse_number(raw, name)
+
+
+def _required_number(obj: dict[str, Any], name: str) -> float:
+    raw = obj.get(name)
+    if raw is None:
+        raise _Reject(DeadLetterReason.MISSING_FIELD, f"{name} is missing")
+    return _parse_number(raw, name)
+
+
+def _parse_number(raw: object, name: str = "value") -> float:
+    """A finite Float64 from a JSON number or a numeric string (the nearest double to its decimal).
+
+    Raises the module's internal rejection for anything else.
+    """
+    if isinstance(raw, bool):
+        raise _Reject(DeadLetterReason.BAD_NUMBER, f"{name} must be a number, got a boolean")
+    if isinstance(raw, int):
+        try:
+            value = float(raw)
+        except OverflowError:
+            raise _Reject(DeadLetterReason.NON_FINITE, f"{name} is too large for Float64") from None
+    elif isinstance(raw, float):
+        value = raw
+    elif isinstance(raw, str):
+        text = raw.strip()
+        if _DECIMAL_RE.fullmatch(text):
+            value = float(text)
+        elif text.lstrip("+-").lower() in _NON_FINITE_WORDS:
+            raise _Reject(DeadLetterReason.NON_FINITE, f"{name} is {_short(text)}")
+        else:
+            raise _Reject(DeadLetterReason.BAD_NUMBER, f"{name} is not a number: {_short(repr(raw))}")
+    else:
+        raise _Reject(DeadLetterReason.BAD_NUMBER, f"{name} must be a number, got {type(raw).__name__}")
+    if not math.isfinite(value):
+        raise _Reject(DeadLetterReason.NON_FINITE, f"{name} is not finite")
+    return value
+
+
+def _seq(raw: object) -> int | None:
+    if raw is None:
+        return None
+    if isinstance(raw, bool):
+        raise _Reject(DeadLetterReason.BAD_FIELD, "seq must be an integer, got a boolean")
+    if isinstance(raw, str) and _INTEGER_RE.fullmatch(raw.strip()):
+        raw = int(raw.strip())
+    if not isinstance(raw, int):
+        raise _Reject(DeadLetterReason.BAD_FIELD, f"seq must be an integer, got {_short(repr(raw))}")
+    if not _INT64_MIN <= raw <= _INT64_MAX:
+        raise _Reject(DeadLetterReason.BAD_FIELD, "seq does not fit in 64 bits")
+    return raw
+
+
+def _trade_id(raw: object) -> str | None:
+    if raw is None:
+        return None
+    if isinstance(raw, bool) or not isinstance(raw, str | int):
+        kind = type(raw).__name__
+        raise _Reject(DeadLetterReason.BAD_FIELD, f"trade_id must be a string or integer, got {kind}")
+    text = str(raw).strip()
+    if not text:
+        return None
+    if len(text) > MAX_TRADE_ID_LEN:
+        raise _Reject(DeadLetterReason.BAD_FIELD, f"trade_id longer than {MAX_TRADE_ID_LEN} characters")
+    _require_utf8(text, "trade_id")
+    return text
+
+
+# --- timestamps ---------------------------------------------------------------------------------
+
+
+def _parse_timestamp(raw: object) -> int:
+    """UTC epoch nanoseconds from an ISO-8601 string or an epoch number (s, ms, us or ns by magnitude).
+
+    Epoch numbers may be JSON integers or floats, or strings holding one. Raises the module's
+    internal rejection (`bad_timestamp`) for anything else.
+    """
+    if isinstance(raw, bool):
+        raise _Reject(DeadLetterReason.BAD_TIMESTAMP, "ts must be a string or a number, got a boolean")
+    if isinstance(raw, int):
+        number = Decimal(raw)
+    elif isinstance(raw, float):
+        if not math.isfinite(raw):
+            raise _Reject(DeadLetterReason.BAD_TIMESTAMP, "ts is not finite")
+        number = Decimal(repr(raw))
+    elif isinstance(raw, str):
+        text = raw.strip()
+        if _DECIMAL_RE.fullmatch(text):
+            try:
+                number = Decimal(text)
+            except InvalidOperation:  # pragma: no cover - the pattern admits only valid decimals
+                raise _Reject(DeadLetterReason.BAD_TIMESTAMP, "ts is not a number") from None
+        else:
+            return _parse_iso(text)
+    else:
+        kind = type(raw).__name__
+        raise _Reject(DeadLetterReason.BAD_TIMESTAMP, f"ts must be a string or a number, got {kind}")
+    return _epoch_to_ns(number)
+
+
+def _epoch_to_ns(number: Decimal) -> int:
+    if number <= 0:
+        raise _Reject(DeadLetterReason.BAD_TIMESTAMP, "epoch ts must be positive")
+    if number.adjusted() > 19:
+        raise _Reject(DeadLetterReason.BAD_TIMESTAMP, "epoch ts out of range")
+    scale = 1
+    for bound, unit_scale in _EPOCH_UNITS:
+        if number < bound:
+            scale = unit_scale
+            break
+    ns = int((number * scale).to_integral_value(rounding=ROUND_HALF_EVEN))
+    if ns > _INT64_MAX:
+        raise _Reject(DeadLetterReason.BAD_TIMESTAMP, "epoch ts out of range")
+    return ns
+
+
+def _parse_iso(text: str) -> int:
+    match = _ISO_RE.fullmatch(text)
+    if match is None:
+        raise _Reject(DeadLetterReason.BAD_TIMESTAMP, f"ts is not ISO-8601 or epoch: {_short(repr(text))}")
+    tz = match["tz"]
+    offset = timedelta(0)
+    if tz and tz not in ("Z", "z"):
+        sign = -1 if tz[0] == "-" else 1
+        digits = tz[1:].replace(":", "")
+        hours, minutes = int(digits[:2]), int(digits[2:4] or 0)
+        if hours > 23 or minutes > 59:
+            raise _Reject(DeadLetterReason.BAD_TIMESTAMP, f"bad UTC offset {tz}")
+        offset = sign * timedelta(hours=hours, minutes=minutes)
+    try:
+        local = datetime(
+            int(match["y"]),
+            int(match["mo"]),
+            int(match["d"]),
+            int(match["h"]),
+            int(match["mi"]),
+            int(match["s"] or 0),
+            tzinfo=UTC,
+        )
+    except ValueError as exc:
+        raise _Reject(DeadLetterReason.BAD_TIMESTAMP, f"ts: {exc}") from None
+    delta = local - offset - _EPOCH
+    seconds = delta.days * 86_400 + delta.seconds
+    frac = match["frac"] or ""
+    ns = seconds * 1_000_000_000 + int(frac.ljust(9, "0") or 0)
+    if not 0 < ns <= _INT64_MAX:
+        raise _Reject(DeadLetterReason.BAD_TIMESTAMP, "ts out of range")
+    return ns
+
+
+def _short(text: str, limit: int = 80) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# --- the batch transform ------------------------------------------------------------------------
+
+Clock = Callable[[], int]
+Encoder = Callable[[Mapping[str, Any]], bytes]
+Partitioner = Callable[[bytes, int], int]
+
+#: Namespace of the correlation ids made up for raw records that carry none.
+_CORRELATION_NS = uuid.UUID("5b0c3d52-8a4e-4f0e-9a57-0d1c4e6f7a21")
+
+
+@dataclass(frozen=True, slots=True)
+class NormalizerConfig:
+    """What the batch transform needs to know about its surroundings."""
+
+    output_topic: str
+    output_partitions: int
+    max_future_skew_ns: int = 300 * 1_000_000_000
+    dedup_window_ns: int = 600 * 1_000_000_000
+    dedup_max_entries: int = 200_000
+
+
+@dataclass(frozen=True, slots=True)
+class Duplicate:
+    """A trade dropped because its `venue` + `trade_id` was already accepted inside the window."""
+
+    tick: NormalizedTick
+    first: DedupEntry
+
+
+Outcome = NormalizedTick | Rejection | Duplicate
+
+
+def correlation_id(record: InRecord) -> str:
+    """The record's `dp-correlation-id` header, or an id derived from its coordinates (stable on replay)."""
+    raw = record.header(CORRELATION_HEADER)
+    if raw:
+        try:
+            text = raw.decode("utf-8").strip()
+        except UnicodeDecodeError:
+            text = ""
+        if text and text.isprintable() and len(text) <= 128:
+            return text
+    return str(uuid.uuid5(_CORRELATION_NS, f"{record.topic}:{record.partition}:{record.offset}"))
+
+
+class Normalizer:
+    """Raw-tick records in, normalized ticks, dead letters and duplicate counts out.
+
+    Holds one `DedupWindow` per input partition; the caller persists their pending changes and
+    restores them (see `windows`, `restore_partition`, `drop_partition`). Pure apart from that
+    in-memory state: the clock, the Avro encoder and the partitioner are injected.
+    """
+
+    def __init__(
+        self, config: NormalizerConfig, *, encode: Encoder, partitioner: Partitioner, clock: Clock
+    ) -> None:
+        self.config = config
+        self._encode = encode
+        self._partitioner = partitioner
+        self._clock = clock
+        self.windows: dict[int, DedupWindow] = {}
+
+    def window(self, partition: int) -> DedupWindow:
+        """The dedup memory of input `partition` (created empty on first use)."""
+        window = self.windows.get(partition)
+        if window is None:
+            window = DedupWindow(self.config.dedup_window_ns, self.config.dedup_max_entries)
+            self.windows[partition] = window
+        return window
+
+    def restore_partition(self, partition: int, changes: Iterable[tuple[str, DedupEntry | None]]) -> None:
+        """Rebuild the dedup memory of `partition` from its changelog, in order."""
+        self.window(partition).restore(changes)
+
+    def drop_partition(self, partition: int) -> None:
+        """Forget the memory of a partition this instance no longer owns."""
+        self.windows.pop(partition, None)
+
+    def classify(self, record: InRecord, now_ns: int) -> Outcome:
+        """Decide what one record becomes (updating the dedup memory when a trade is accepted)."""
+        lineage = Lineage(record.timestamp_ms * 1_000_000, record.partition, record.offset)
+        parsed = parse_tick(
+            record.value, lineage=lineage, now_ns=now_ns, max_future_skew_ns=self.config.max_future_skew_ns
+        )
+        if isinstance(parsed, Rejection) or parsed.trade_id is None:
+            return parsed
+        verdict = self.window(record.partition).check(
+            dedup_key(parsed.venue, parsed.trade_id), parsed.ts_ns, record.offset
+        )
+        if verdict.duplicate and verdict.first is not None:
+            return Duplicate(parsed, verdict.first)
+        return parsed
+
+    def process(self, batch: Iterable[InRecord]) -> BatchResult:
+        """Transform a batch (in partition order) into a `BatchResult`."""
+        result = BatchResult()
+        now_ns = self._clock()
+        for record in batch:
+            outcome = self.classify(record, now_ns)
+            if isinstance(outcome, NormalizedTick):
+                result.outputs.append(self._out_record(record, outcome))
+            elif isinstance(outcome, Rejection):
+                result.dead_letters.append(DeadLetter(record, outcome.reason, outcome.detail))
+            else:
+                result.deduplicated += 1
+                result.audit.append(_duplicate_audit(record, outcome))
+        return result
+
+    def _out_record(self, record: InRecord, tick: NormalizedTick) -> OutRecord:
+        key = tick.key.encode("utf-8")
+        return OutRecord(
+            topic=self.config.output_topic,
+            key=key,
+            value=self._encode(tick.to_avro()),
+            partition=self._partitioner(key, self.config.output_partitions),
+            headers=(
+                (CORRELATION_HEADER, correlation_id(record).encode("utf-8")),
+                (INGEST_TIME_HEADER, str(tick.ingest_ns).encode("ascii")),
+            ),
+        )
+
+
+def _duplicate_audit(record: InRecord, duplicate: Duplicate) -> AuditEvent:
+    return AuditEvent(
+        event_type="duplicate_dropped",
+        outcome="dropped",
+        reason="duplicate",
+        instrument=duplicate.tick.key,
+        correlation_id=correlation_id(record),
+        source_topic=record.topic,
+        source_partition=record.partition,
+        offset_from=record.offset,
+        offset_to=record.offset,
+        details={
+            "trade_id": duplicate.tick.trade_id,
+            "ts_ns": duplicate.tick.ts_ns,
+            "first_offset": duplicate.first.offset,
+            "first_ts_ns": duplicate.first.ts_ns,
+        },
+    )
