@@ -132,13 +132,17 @@ def test_missing_seq_sorts_before_any_seq() -> None:
     assert not apply_hash_write(state, tick_writes(trade(seq=None, price=1.0))[0])
 
 
-def test_tie_later_wins_and_identical_is_not_applied() -> None:
+def test_equal_time_later_arrival_wins_and_replay_is_not_applied() -> None:
     state: dict[str, str] = {}
-    first, second = tick_writes(trade(price=1.0))[0], tick_writes(trade(price=2.0))[0]
+    first, second = tick_writes(trade(price=1.0), arrival=7)[0], tick_writes(trade(price=2.0), arrival=8)[0]
     assert apply_hash_write(state, first)
     assert apply_hash_write(state, second)
     assert state["trade_price"] == "2.0"
+    assert not apply_hash_write(state, first)
     assert not apply_hash_write(state, second)
+    # same order key, different values (a rewritten input): the later write wins
+    assert apply_hash_write(state, tick_writes(trade(price=3.0), arrival=8)[0])
+    assert state["trade_price"] == "3.0"
 
 
 def test_bar_writes_update_and_final() -> None:

@@ -9,9 +9,11 @@ server; `projection.redis_sink` runs the same rules atomically inside Redis (Lua
 Rules (the contract's "Redis" section, made precise):
 
 - `md:tick:{instrument_id}` holds three independent *sides*: the latest trade, the latest bid and the
-  latest ask. Each side is replaced only by a tick with a greater order key (`ts_ns`, `seq`; a missing
-  `seq` sorts first). A quote updates the bid side when it has a bid and the ask side when it has an ask,
-  so one-sided quote feeds still show a full top of book. `ts` and `quote_ts` are the greatest event time
+  latest ask. Each side is replaced only by a tick with a greater order key (`ts_ns`, `seq`, arrival;
+  a missing `seq` sorts first; arrival is the tick's offset on its input partition, which holds all of
+  an instrument's ticks, so equal timestamps resolve to the later tick as bars do). A quote updates
+  the bid side when it has a bid and the ask side when it has an ask, so one-sided quote feeds still
+  show a full top of book. `ts` and `quote_ts` are the greatest event time
   applied to the key (resp. to its quote sides).
 - `md:bar:{instrument_id}:{interval}` holds the latest bar by (`window_start`, `version`, `is_final`):
   a newer window replaces an older one; within a window a lower version never replaces a higher one,
@@ -19,9 +21,8 @@ Rules (the contract's "Redis" section, made precise):
 - `md:bars:{instrument_id}:{interval}` is a sorted set of final bars: score `window_start` (ms), member
   the bar as compact JSON with sorted keys. Adding a window that is already there replaces its member
   unless the stored one has a higher version; the set is trimmed to the newest `max_final_bars`.
-- Equal order keys: the later write wins when its values differ (arrival order breaks the last tie, as
-  for bars); a write identical to the stored values is not applied. So a replay changes nothing and
-  announces nothing.
+- A write whose order key equals the stored one is a replay: refused when its values are the same,
+  applied (the later write wins) when they differ. So a replay changes nothing and announces nothing.
 - Every applied write publishes one compact JSON announcement on `md:updates`; a refused one, none.
 """
 
@@ -261,7 +262,8 @@ def bar_from_record(record: Mapping[str, Any]) -> Bar:
     )
 
 
-def _side_write(tick: Tick, side: Side, values: Iterable[tuple[str, float | int | str | None]]) -> HashWrite:
+def _side_write(tick: Tick, side: Side, arrival: int,
+                values: Iterable[tuple[str, float | int | str | None]]) -> HashWrite:
     key = tick_key(tick.instrument_id)
     prefix = side.value
     fields: list[tuple[str, str]] = [
@@ -289,7 +291,7 @@ def _side_write(tick: Tick, side: Side, values: Iterable[tuple[str, float | int 
         key_type=KeyType.TICK,
         side=side,
         order_field=f"_{prefix}_ord",
-        order=order_key(tick.ts_ns, -_OFFSET if tick.seq is None else tick.seq),
+        order=order_key(tick.ts_ns, -_OFFSET if tick.seq is None else tick.seq, arrival),
         fields=tuple(fields),
         deletes=tuple(deletes),
         maxima=maxima,
@@ -297,16 +299,19 @@ def _side_write(tick: Tick, side: Side, values: Iterable[tuple[str, float | int 
     )
 
 
-def tick_writes(tick: Tick) -> list[HashWrite]:
-    """The writes of one tick: its trade side, or its bid and/or ask side."""
+def tick_writes(tick: Tick, arrival: int = 0) -> list[HashWrite]:
+    """The writes of one tick: its trade side, or its bid and/or ask side.
+
+    `arrival` is the tick's position on its input partition (its offset): the last tie-breaker.
+    """
     if tick.is_trade:
-        return [_side_write(tick, Side.TRADE, (
+        return [_side_write(tick, Side.TRADE, arrival, (
             ("trade_price", tick.price), ("trade_size", tick.size), ("trade_id", tick.trade_id)))]
     writes = []
     if tick.bid is not None:
-        writes.append(_side_write(tick, Side.BID, (("bid", tick.bid), ("bid_size", tick.bid_size))))
+        writes.append(_side_write(tick, Side.BID, arrival, (("bid", tick.bid), ("bid_size", tick.bid_size))))
     if tick.ask is not None:
-        writes.append(_side_write(tick, Side.ASK, (("ask", tick.ask), ("ask_size", tick.ask_size))))
+        writes.append(_side_write(tick, Side.ASK, arrival, (("ask", tick.ask), ("ask_size", tick.ask_size))))
     return writes
 
 
