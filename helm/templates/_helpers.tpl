@@ -102,15 +102,6 @@ seccompProfile:
 {{- printf "%s://%s%s/%v" $u.scheme $auth $u.host $r.database -}}
 {{- end -}}
 
-{{/* ClickHouse URL with the user, password and database. */}}
-{{- define "dp.clickhouseUrl" -}}
-{{- $c := .Values.infrastructure.clickhouse -}}
-{{- $u := urlParse $c.url -}}
-{{- $auth := printf "%s@" (urlquery $c.username) -}}
-{{- if $c.password -}}{{- $auth = printf "%s:%s@" (urlquery $c.username) (urlquery $c.password) -}}{{- end -}}
-{{- printf "%s://%s%s/%s" $u.scheme $auth $u.host $c.database -}}
-{{- end -}}
-
 {{/* Checks the values cannot break the contract: equal chain partitions, replicas <= partitions. */}}
 {{- define "dp.validate" -}}
 {{- $chain := list "ingestion.market.raw.v1" "normalized.market.ticks.v1" "enriched.market.ticks.v1" "aggregated.market.bars.v1" -}}
@@ -125,6 +116,14 @@ seccompProfile:
 {{- range $name, $n := $counts -}}
 {{- if ne $n $p -}}{{- fail (printf "every chain topic needs the same partition count: %s has %v, ingestion.market.raw.v1 has %v" $name $n $p) -}}{{- end -}}
 {{- end -}}
+{{- $side := list -}}
+{{- $rf := list -}}
+{{- range .Values.infrastructure.kafka.topics -}}
+{{- $rf = append $rf (int .replicationFactor) -}}
+{{- if not (has .name $chain) -}}{{- $side = append $side (int .partitions) -}}{{- end -}}
+{{- end -}}
+{{- if gt (len (uniq $side)) 1 -}}{{- fail "the dead-letter and audit topics need the same partition count" -}}{{- end -}}
+{{- if gt (len (uniq $rf)) 1 -}}{{- fail "every topic needs the same replicationFactor" -}}{{- end -}}
 {{- range $svc, $cfg := .Values.services -}}
 {{- if $cfg.enabled -}}
 {{- $max := int $cfg.replicaCount -}}
@@ -132,4 +131,60 @@ seccompProfile:
 {{- if gt $max (int $p) -}}{{- fail (printf "services.%s may run %v replicas but the chain topics have only %v partitions" $svc $max $p) -}}{{- end -}}
 {{- end -}}
 {{- end -}}
+{{- end -}}
+
+{{/* Topic settings for the ConfigMap, derived from infrastructure.kafka.topics. */}}
+{{- define "dp.topicSettings" -}}
+{{- $chain := list "ingestion.market.raw.v1" "normalized.market.ticks.v1" "enriched.market.ticks.v1" "aggregated.market.bars.v1" -}}
+{{- $p := 0 -}}{{- $side := 0 -}}{{- $rf := 1 -}}
+{{- range .Values.infrastructure.kafka.topics -}}
+{{- $rf = int .replicationFactor -}}
+{{- if has .name $chain -}}{{- $p = int .partitions -}}{{- else -}}{{- $side = int .partitions -}}{{- end -}}
+{{- end -}}
+DATA_PROC_TOPICS__PARTITIONS: {{ $p | quote }}
+{{- if $side }}
+DATA_PROC_TOPICS__SIDE_PARTITIONS: {{ $side | quote }}
+{{- end }}
+DATA_PROC_TOPICS__REPLICATION_FACTOR: {{ $rf | quote }}
+DATA_PROC_TOPICS__MIN_INSYNC_REPLICAS: {{ min (int .Values.infrastructure.kafka.minInsyncReplicas) $rf | quote }}
+{{- end -}}
+
+{{/* envFrom, env and TLS mounts shared by the services and the Jobs: dict "root" $ "env" map. */}}
+{{- define "dp.containerEnv" -}}
+envFrom:
+  - configMapRef:
+      name: {{ include "dp.configName" .root }}
+  - secretRef:
+      name: {{ include "dp.secretName" .root }}
+env:
+  # Kafka client id and transactional id: <service>-<pod name>.
+  - name: DATA_PROC_INSTANCE_ID
+    valueFrom:
+      fieldRef:
+        fieldPath: metadata.name
+  {{- range $k, $v := .env }}
+  - name: {{ $k }}
+    value: {{ $v | toString | quote }}
+  {{- end }}
+volumeMounts:
+  - name: tmp
+    mountPath: /tmp
+  {{- if .root.Values.tls.caSecret }}
+  - name: tls-ca
+    mountPath: {{ .root.Values.tls.mountPath }}
+    readOnly: true
+  {{- end }}
+{{- end -}}
+
+{{/* Volumes behind dp.containerEnv's mounts. */}}
+{{- define "dp.volumes" -}}
+# The root filesystem is read-only; Python and librdkafka may write temporary files here.
+- name: tmp
+  emptyDir:
+    sizeLimit: 256Mi
+{{- if .Values.tls.caSecret }}
+- name: tls-ca
+  secret:
+    secretName: {{ .Values.tls.caSecret }}
+{{- end }}
 {{- end -}}
