@@ -1,0 +1,515 @@
+"""The pure windowing core of the aggregation service: enriched trades -> OHLCV bars.
+
+No I/O here. The engine keeps, per input partition, a watermark (the highest event time seen on the
+partition, trades and quotes alike) and the open windows of every (instrument, interval). Every
+decision is taken per record, so the way the input is cut into batches never changes a final bar:
+
+- A trade belongs, per configured interval, to the window
+  `[floor(ts / interval) * interval, +interval)` (UTC epoch aligned).
+- A trade is *late* for an interval when its window is already closed: either the watermark before
+  the trade has passed `window_end + allowed_lateness`, or the window was closed by the idle timer.
+  A late trade never changes a bar; it is reported (`LateTrade`) for the dead-letter topic, the audit
+  trail and the metrics. It is still applied to the intervals for which it is on time.
+- After a record has advanced the watermark, every window with `window_end + allowed_lateness <
+  watermark` closes and is emitted once with `is_final = True`.
+- A partition that receives nothing for `idle_timeout` (wall clock, injectable) closes all of its
+  windows.
+- Open bars that changed are emitted as updates (`is_final = False`) at most once per
+  `update_interval` (wall clock) per partition cycle, hence at most once per interval per bar.
+
+Versions are deterministic: an update carries the number of trades applied so far, the final bar
+`trade_count + 1`. Replaying the same input from a restored state therefore yields identical final
+bars (same content, same version).
+
+`open` is the price of the earliest trade by (`ts`, `seq`, arrival order), `close` of the latest; a
+trade without `seq` sorts before trades with one at the same `ts`; arrival order is the input offset.
+
+The engine's state per partition is written to, and restored from, a compacted changelog as
+key/value pairs (`changes`, `restore_partition`): one entry per open window (deleted when it closes)
+and one entry with the partition's watermark and idle-closed windows.
+"""
+
+from __future__ import annotations
+
+import heapq
+import re
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+NS_PER_MS = 1_000_000
+NS_PER_S = 1_000_000_000
+
+_UNIT_NS = {"ms": NS_PER_MS, "s": NS_PER_S, "m": 60 * NS_PER_S, "h": 3600 * NS_PER_S, "d": 86400 * NS_PER_S}
+_INTERVAL_RE = re.compile(r"^([1-9][0-9]*)(ms|s|m|h|d)$")
+
+#: Changelog key of a partition's metadata entry (watermark, idle-closed windows).
+META_KEY = b"meta"
+_WINDOW_PREFIX = b"w|"
+
+#: Sort key of a trade inside a window: (ts_ns, has_seq, seq, offset).
+SortKey = tuple[int, int, int, int]
+
+
+class AggregationError(Exception):
+    """Root of the aggregation service's exceptions."""
+
+
+class BadIntervalError(AggregationError, ValueError):
+    """An interval string that is not `<n><unit>` with unit ms, s, m, h or d."""
+
+
+class BadStateError(AggregationError, ValueError):
+    """A changelog entry that cannot be decoded."""
+
+
+def parse_interval(text: str) -> int:
+    """Length in nanoseconds of an interval written like `1m`, `5m`, `1h`, `250ms`, `1d`."""
+    m = _INTERVAL_RE.match(text.strip())
+    if m is None:
+        raise BadIntervalError(f"bad interval {text!r}: expected <n><unit>, unit one of ms, s, m, h, d")
+    return int(m.group(1)) * _UNIT_NS[m.group(2)]
+
+
+@dataclass(frozen=True, slots=True)
+class Interval:
+    """A bar interval: its name as written on bars (`1m`) and its length in nanoseconds."""
+
+    name: str
+    length_ns: int
+
+    @classmethod
+    def parse(cls, text: str) -> Interval:
+        """`Interval` from its name, e.g. `Interval.parse("5m")`."""
+        return cls(text.strip(), parse_interval(text))
+
+    def window_start(self, ts_ns: int) -> int:
+        """Start (ns) of the epoch-aligned window holding `ts_ns`."""
+        return (ts_ns // self.length_ns) * self.length_ns
+
+
+@dataclass(frozen=True, slots=True)
+class WindowConfig:
+    """How bars are built."""
+
+    intervals: tuple[Interval, ...] = (Interval("1m", 60 * NS_PER_S), Interval("5m", 300 * NS_PER_S),
+                                       Interval("1h", 3600 * NS_PER_S))
+    allowed_lateness_ns: int = 5 * NS_PER_S
+    idle_timeout_ns: int = 30 * NS_PER_S
+    update_interval_ns: int = NS_PER_S
+
+    def __post_init__(self) -> None:
+        if not self.intervals:
+            raise AggregationError("at least one interval is required")
+        names = [i.name for i in self.intervals]
+        if len(set(names)) != len(names):
+            raise AggregationError(f"duplicate intervals: {names}")
+        if self.allowed_lateness_ns < 0 or self.idle_timeout_ns <= 0 or self.update_interval_ns < 0:
+            raise AggregationError("lateness and update interval must be >= 0, idle timeout > 0")
+
+    @classmethod
+    def from_names(
+        cls,
+        intervals: Sequence[str],
+        allowed_lateness_ms: int = 5000,
+        idle_timeout_ms: int = 30_000,
+        update_interval_ms: int = 1000,
+    ) -> WindowConfig:
+        """Config from interval names and millisecond durations (the settings' units)."""
+        return cls(
+            intervals=tuple(Interval.parse(n) for n in intervals),
+            allowed_lateness_ns=allowed_lateness_ms * NS_PER_MS,
+            idle_timeout_ns=idle_timeout_ms * NS_PER_MS,
+            update_interval_ns=update_interval_ms * NS_PER_MS,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Tick:
+    """The part of an enriched tick the windowing needs, with its input coordinates."""
+
+    instrument_id: str
+    venue: str
+    symbol: str
+    currency: str
+    is_trade: bool
+    ts_ns: int
+    seq: int | None
+    price: float
+    size: float
+    ingest_ns: int
+    partition: int
+    offset: int
+
+    @property
+    def sort_key(self) -> SortKey:
+        """(ts, seq, arrival order) key deciding open and close."""
+        return (self.ts_ns, 0 if self.seq is None else 1, self.seq or 0, self.offset)
+
+
+@dataclass(frozen=True, slots=True)
+class Bar:
+    """One bar emission (the fields of `bar.v1`)."""
+
+    instrument_id: str
+    venue: str
+    symbol: str
+    currency: str
+    interval: str
+    window_start_ns: int
+    window_end_ns: int
+    open: float
+    high: float
+    low: float
+    close: float
+    volume: float
+    vwap: float
+    trade_count: int
+    is_final: bool
+    version: int
+    first_ts_ns: int
+    last_ts_ns: int
+    max_ingest_ns: int
+    source_partition: int
+    offset_from: int
+    offset_to: int
+
+    @property
+    def key(self) -> tuple[str, str, int]:
+        """Identity of the bar: (instrument, interval, window start)."""
+        return (self.instrument_id, self.interval, self.window_start_ns)
+
+
+@dataclass(frozen=True, slots=True)
+class LateTrade:
+    """A trade that arrived after (some of) its windows closed."""
+
+    tick: Tick
+    intervals: tuple[str, ...]
+    watermark_ns: int
+
+
+@dataclass(slots=True)
+class Applied:
+    """What one record did: bars it closed (final) and, for a late trade, its lateness."""
+
+    finals: list[Bar] = field(default_factory=list)
+    late: LateTrade | None = None
+
+
+class _Window:
+    """Mutable accumulator of one open bar (internal to the engine)."""
+
+    __slots__ = (
+        "close",
+        "close_key",
+        "count",
+        "currency",
+        "end",
+        "high",
+        "instrument_id",
+        "interval",
+        "low",
+        "max_ingest",
+        "off_from",
+        "off_to",
+        "open",
+        "open_key",
+        "pv",
+        "start",
+        "symbol",
+        "venue",
+        "volume",
+    )
+
+    def __init__(self, t: Tick, interval: str, start: int, end: int) -> None:
+        key = t.sort_key
+        self.instrument_id = t.instrument_id
+        self.venue = t.venue
+        self.symbol = t.symbol
+        self.currency = t.currency
+        self.interval = interval
+        self.start = start
+        self.end = end
+        self.open = self.high = self.low = self.close = t.price
+        self.open_key = self.close_key = key
+        self.volume = t.size
+        self.pv = t.price * t.size
+        self.count = 1
+        self.max_ingest = t.ingest_ns
+        self.off_from = self.off_to = t.offset
+
+    def add(self, t: Tick) -> None:
+        key = t.sort_key
+        price = t.price
+        if key < self.open_key:
+            self.open, self.open_key = price, key
+        if key > self.close_key:
+            self.close, self.close_key = price, key
+        if price > self.high:
+            self.high = price
+        if price < self.low:
+            self.low = price
+        self.volume += t.size
+        self.pv += price * t.size
+        self.count += 1
+        if t.ingest_ns > self.max_ingest:
+            self.max_ingest = t.ingest_ns
+        if t.offset < self.off_from:
+            self.off_from = t.offset
+        if t.offset > self.off_to:
+            self.off_to = t.offset
+
+    def bar(self, partition: int, final: bool) -> Bar:
+        return Bar(
+            instrument_id=self.instrument_id,
+            venue=self.venue,
+            symbol=self.symbol,
+            currency=self.currency,
+            interval=self.interval,
+            window_start_ns=self.start,
+            window_end_ns=self.end,
+            open=self.open,
+            high=self.high,
+            low=self.low,
+            close=self.close,
+            volume=self.volume,
+            vwap=self.pv / self.volume if self.volume else 0.0,
+            trade_count=self.count,
+            is_final=final,
+            version=self.count + 1 if final else self.count,
+            first_ts_ns=self.open_key[0],
+            last_ts_ns=self.close_key[0],
+            max_ingest_ns=self.max_ingest,
+            source_partition=partition,
+            offset_from=self.off_from,
+            offset_to=self.off_to,
+        )
+
+    def to_json(self) -> bytes:
+        return orjson.dumps(
+            [
+                self.instrument_id, self.venue, self.symbol, self.currency, self.interval, self.start,
+                self.end, self.open, list(self.open_key), self.high, self.low, self.close,
+                list(self.close_key), self.volume, self.pv, self.count, self.max_ingest, self.off_from,
+                self.off_to,
+            ]
+        )
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> _Window:
+        v: list[Any] = orjson.loads(raw)
+        w = cls.__new__(cls)
+        (
+            w.instrument_id, w.venue, w.symbol, w.currency, w.interval, w.start, w.end, w.open, ok,
+            w.high, w.low, w.close, ck, w.volume, w.pv, w.count, w.max_ingest, w.off_from, w.off_to,
+        ) = v
+        w.open_key = (ok[0], ok[1], ok[2], ok[3])
+        w.close_key = (ck[0], ck[1], ck[2], ck[3])
+        return w
+
+
+WinKey = tuple[str, str, int]  # (instrument_id, interval name, window start ns)
+
+
+def window_changelog_key(key: WinKey) -> bytes:
+    """Changelog key of one open window."""
+    return _WINDOW_PREFIX + f"{key[0]}|{key[1]}|{key[2]}".encode()
+
+
+class _Partition:
+    """State of one input partition."""
+
+    __slots__ = ("changed", "closed_through", "dirty", "heap", "last_activity", "last_flush",
+                 "meta_changed", "watermark", "windows")
+
+    def __init__(self, now: int) -> None:
+        self.watermark: int | None = None
+        self.windows: dict[WinKey, _Window] = {}
+        # (window_end, key) of every open window; closing pops from the front.
+        self.heap: list[tuple[int, WinKey]] = []
+        # (instrument, interval) -> latest window start closed by the idle timer, kept only while
+        # the watermark alone would not call that window closed.
+        self.closed_through: dict[tuple[str, str], tuple[int, int]] = {}
+        self.dirty: dict[WinKey, None] = {}
+        self.changed: dict[WinKey, None] = {}
+        self.meta_changed = False
+        self.last_activity = now
+        self.last_flush = now
+
+
+class WindowEngine:
+    """Tumbling event-time windows over trades, per input partition. See the module docstring."""
+
+    def __init__(self, config: WindowConfig, clock: Callable[[], int] = time.time_ns) -> None:
+        self.config = config
+        self._clock = clock
+        self._parts: dict[int, _Partition] = {}
+        self._lateness = config.allowed_lateness_ns
+        self._intervals = [(i.name, i.length_ns) for i in config.intervals]
+
+    # ----------------------------------------------------------------- partitions and state
+    @property
+    def partitions(self) -> list[int]:
+        """Partitions whose state the engine holds."""
+        return sorted(self._parts)
+
+    def open_windows(self) -> int:
+        """Number of open windows held in memory."""
+        return sum(len(p.windows) for p in self._parts.values())
+
+    def watermark(self, partition: int) -> int | None:
+        """Watermark (ns) of a partition, None before its first record."""
+        p = self._parts.get(partition)
+        return None if p is None else p.watermark
+
+    def restore_partition(self, partition: int, entries: Iterable[tuple[bytes, bytes | None]]) -> None:
+        """(Re)build a partition's state from its changelog entries, latest value per key wins."""
+        latest: dict[bytes, bytes | None] = {}
+        for k, v in entries:
+            latest[k] = v
+        p = _Partition(self._clock())
+        for k, v in latest.items():
+            if v is None:
+                continue
+            try:
+                if k == META_KEY:
+                    meta = orjson.loads(v)
+                    p.watermark = meta["wm"]
+                    p.closed_through = {(i, n): (s, e) for i, n, s, e in meta["closed"]}
+                elif k.startswith(_WINDOW_PREFIX):
+                    w = _Window.from_json(v)
+                    key = (w.instrument_id, w.interval, w.start)
+                    p.windows[key] = w
+                else:
+                    raise BadStateError(f"unknown changelog key {k!r}")
+            except (ValueError, KeyError, TypeError) as exc:
+                raise BadStateError(f"bad changelog entry {k!r}: {exc}") from exc
+        p.heap = sorted((w.end, key) for key, w in p.windows.items())
+        self._parts[partition] = p
+
+    def drop_partition(self, partition: int) -> None:
+        """Forget a partition's state (revoked)."""
+        self._parts.pop(partition, None)
+
+    def changes(self, partition: int) -> list[tuple[bytes, bytes | None]]:
+        """Changelog entries for everything changed on `partition` since the last call, then reset."""
+        p = self._parts.get(partition)
+        if p is None:
+            return []
+        out: list[tuple[bytes, bytes | None]] = []
+        for key in p.changed:
+            w = p.windows.get(key)
+            out.append((window_changelog_key(key), None if w is None else w.to_json()))
+        p.changed.clear()
+        if p.meta_changed:
+            closed = [[i, n, s, e] for (i, n), (s, e) in p.closed_through.items()]
+            meta = {"wm": p.watermark, "closed": closed}
+            out.append((META_KEY, orjson.dumps(meta)))
+            p.meta_changed = False
+        return out
+
+    def _part(self, partition: int) -> _Partition:
+        p = self._parts.get(partition)
+        if p is None:
+            p = self._parts[partition] = _Partition(self._clock())
+        return p
+
+    # ----------------------------------------------------------------- records
+    def apply(self, tick: Tick) -> Applied:
+        """Apply one record (trade or quote) of its partition, in partition order."""
+        p = self._part(tick.partition)
+        p.last_activity = self._clock()
+        result = Applied()
+        wm = p.watermark
+        if tick.is_trade:
+            late: list[str] = []
+            lateness = self._lateness
+            for name, length in self._intervals:
+                start = (tick.ts_ns // length) * length
+                end = start + length
+                if wm is not None and end + lateness < wm:
+                    late.append(name)
+                    continue
+                if p.closed_through:
+                    ct = p.closed_through.get((tick.instrument_id, name))
+                    if ct is not None and start <= ct[0]:
+                        late.append(name)
+                        continue
+                key = (tick.instrument_id, name, start)
+                w = p.windows.get(key)
+                if w is None:
+                    w = p.windows[key] = _Window(tick, name, start, end)
+                    heapq.heappush(p.heap, (end, key))
+                else:
+                    w.add(tick)
+                p.dirty[key] = None
+                p.changed[key] = None
+            if late:
+                result.late = LateTrade(tick, tuple(late), wm if wm is not None else tick.ts_ns)
+        if wm is None or tick.ts_ns > wm:
+            p.watermark = wm = tick.ts_ns
+            p.meta_changed = True
+            self._close_until(tick.partition, p, wm, result.finals)
+        return result
+
+    def _close_until(self, partition: int, p: _Partition, wm: int, out: list[Bar]) -> None:
+        lateness = self._lateness
+        heap = p.heap
+        while heap and heap[0][0] + lateness < wm:
+            _, key = heapq.heappop(heap)
+            w = p.windows.pop(key)
+            out.append(w.bar(partition, final=True))
+            p.dirty.pop(key, None)
+            p.changed[key] = None
+        if p.closed_through:
+            stale = [k for k, (_, end) in p.closed_through.items() if end + lateness < wm]
+            for k in stale:
+                del p.closed_through[k]
+
+    # ----------------------------------------------------------------- timers
+    def flush_updates(self, partition: int | None = None, force: bool = False) -> list[Bar]:
+        """Updates (`is_final=False`) of changed open bars, at most once per `update_interval`."""
+        now = self._clock()
+        out: list[Bar] = []
+        parts = self._parts.items() if partition is None else [(partition, self._part(partition))]
+        for pid, p in parts:
+            if not p.dirty:
+                continue
+            if not force and now - p.last_flush < self.config.update_interval_ns:
+                continue
+            for key in p.dirty:
+                out.append(p.windows[key].bar(pid, final=False))
+            p.dirty.clear()
+            p.last_flush = now
+        return out
+
+    def close_idle(self) -> list[Bar]:
+        """Close every window of partitions idle for longer than `idle_timeout` (wall clock)."""
+        now = self._clock()
+        out: list[Bar] = []
+        for pid in sorted(self._parts):
+            p = self._parts[pid]
+            if p.windows and now - p.last_activity >= self.config.idle_timeout_ns:
+                out.extend(self.close_all(pid))
+        return out
+
+    def close_all(self, partition: int) -> list[Bar]:
+        """Close every open window of `partition` now, in (window end, key) order."""
+        p = self._part(partition)
+        out: list[Bar] = []
+        for end, key in sorted(p.heap):
+            w = p.windows.pop(key)
+            out.append(w.bar(partition, final=True))
+            p.changed[key] = None
+            ik = (key[0], key[1])
+            prev = p.closed_through.get(ik)
+            if prev is None or prev[0] < key[2]:
+                p.closed_through[ik] = (key[2], end)
+        p.heap.clear()
+        p.dirty.clear()
+        p.meta_changed = True
+        return out

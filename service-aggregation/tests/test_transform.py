@@ -1,0 +1,366 @@
+"""Unit and property tests of the pure windowing core (no servers)."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import pytest
+from aggregation.transform import (
+    NS_PER_MS,
+    NS_PER_S,
+    BadIntervalError,
+    Bar,
+    Interval,
+    Tick,
+    WindowConfig,
+    WindowEngine,
+    parse_interval,
+)
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+MIN = 60 * NS_PER_S
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1_000 * NS_PER_S
+
+    def __call__(self) -> int:
+        return self.now
+
+
+def trade(ts_ns: int, price: float, size: float = 1.0, *, offset: int, seq: int | None = None,
+          inst: str = "XNYM:CLZ6", partition: int = 0) -> Tick:
+    venue, symbol = inst.split(":")
+    return Tick(inst, venue, symbol, "USD", True, ts_ns, seq, price, size, 7, partition, offset)
+
+
+def quote(ts_ns: int, *, offset: int, partition: int = 0, inst: str = "XNYM:CLZ6") -> Tick:
+    venue, symbol = inst.split(":")
+    return Tick(inst, venue, symbol, "USD", False, ts_ns, None, 0.0, 0.0, 7, partition, offset)
+
+
+def cfg(*names: str, lateness_ms: int = 5000, idle_ms: int = 30_000, update_ms: int = 1000) -> WindowConfig:
+    return WindowConfig.from_names(names or ("1m",), lateness_ms, idle_ms, update_ms)
+
+
+# ---------------------------------------------------------------------------------------------- examples
+def test_parse_interval() -> None:
+    assert parse_interval("1m") == MIN
+    assert parse_interval("5m") == 5 * MIN
+    assert parse_interval("1h") == 60 * MIN
+    assert parse_interval("250ms") == 250 * NS_PER_MS
+    assert parse_interval("1d") == 1440 * MIN
+    assert Interval.parse("1m").window_start(MIN + 5) == MIN
+    assert Interval.parse("1m").window_start(-1) == -MIN
+    for bad in ("", "0m", "1x", "m", "1.5m", "-1m"):
+        with pytest.raises(BadIntervalError):
+            parse_interval(bad)
+
+
+def test_ohlcv_and_finalisation_on_watermark() -> None:
+    eng = WindowEngine(cfg("1m"), FakeClock())
+    base = 100 * MIN
+    assert eng.apply(trade(base + 10 * NS_PER_S, 10.0, 2, offset=0)).finals == []
+    eng.apply(trade(base + 20 * NS_PER_S, 12.0, 1, offset=1))
+    eng.apply(trade(base + 5 * NS_PER_S, 9.0, 1, offset=2))  # earlier event time, arrives later
+    eng.apply(trade(base + 59 * NS_PER_S, 11.0, 4, offset=3))
+    # watermark reaches end + lateness exactly: still open
+    assert eng.apply(quote(base + MIN + 5 * NS_PER_S, offset=4)).finals == []
+    finals = eng.apply(quote(base + MIN + 5 * NS_PER_S + 1, offset=5)).finals
+    assert len(finals) == 1
+    b = finals[0]
+    assert (b.open, b.high, b.low, b.close) == (9.0, 12.0, 9.0, 11.0)
+    assert b.volume == 8.0
+    assert b.vwap == pytest.approx((20 + 12 + 9 + 44) / 8)
+    assert b.trade_count == 4
+    assert b.is_final
+    assert b.version == 5
+    assert (b.window_start_ns, b.window_end_ns) == (base, base + MIN)
+    assert (b.first_ts_ns, b.last_ts_ns) == (base + 5 * NS_PER_S, base + 59 * NS_PER_S)
+    assert (b.source_partition, b.offset_from, b.offset_to) == (0, 0, 3)
+    assert eng.open_windows() == 0
+
+
+def test_tie_break_ts_then_seq_then_arrival() -> None:
+    eng = WindowEngine(cfg("1m"), FakeClock())
+    t = 10 * MIN + NS_PER_S
+    eng.apply(trade(t, 3.0, seq=5, offset=10))
+    eng.apply(trade(t, 1.0, seq=2, offset=11))
+    eng.apply(trade(t, 2.0, seq=2, offset=12))  # same ts and seq: later arrival
+    eng.apply(trade(t, 4.0, seq=None, offset=13))  # no seq sorts first at equal ts
+    eng.apply(trade(t, 5.0, seq=5, offset=14))
+    [bar] = eng.close_all(0)
+    assert bar.open == 4.0
+    assert bar.close == 5.0
+
+
+def test_late_trade_is_reported_and_changes_nothing() -> None:
+    eng = WindowEngine(cfg("1m", "5m", lateness_ms=1000), FakeClock())
+    eng.apply(trade(3 * MIN + 1, 10.0, offset=0))
+    closed = eng.apply(trade(4 * MIN + 2 * NS_PER_S, 11.0, offset=1)).finals
+    assert [(b.interval, b.window_start_ns) for b in closed] == [("1m", 3 * MIN)]
+    applied = eng.apply(trade(3 * MIN + 30 * NS_PER_S, 99.0, offset=2))
+    assert applied.late is not None
+    assert applied.late.intervals == ("1m",)  # still on time for the 5m window
+    assert applied.finals == []
+    finals = {b.interval: b for b in eng.close_all(0)}
+    assert finals["5m"].high == 99.0
+    assert finals["5m"].trade_count == 3
+    assert finals["1m"].trade_count == 1
+    assert finals["1m"].window_start_ns == 4 * MIN
+
+
+def test_trade_for_a_never_opened_but_passed_window_is_late() -> None:
+    eng = WindowEngine(cfg("1m", lateness_ms=0), FakeClock())
+    eng.apply(quote(10 * MIN, offset=0))
+    late = eng.apply(trade(8 * MIN, 1.0, offset=1)).late
+    assert late is not None
+    assert late.intervals == ("1m",)
+    assert late.watermark_ns == 10 * MIN
+    assert eng.open_windows() == 0
+
+
+def test_idle_partition_closes_and_later_trades_for_closed_windows_are_late() -> None:
+    clock = FakeClock()
+    eng = WindowEngine(cfg("1m", "1h", idle_ms=10_000), clock)
+    eng.apply(trade(10 * MIN, 1.0, offset=0))
+    eng.apply(trade(5 * MIN, 1.0, offset=0, partition=1, inst="X:B"))
+    clock.now += 9 * NS_PER_S
+    eng.apply(trade(10 * MIN + 1, 2.0, offset=1))  # partition 0 active again
+    clock.now += 2 * NS_PER_S
+    idle = eng.close_idle()
+    assert sorted((b.source_partition, b.interval) for b in idle) == [(1, "1h"), (1, "1m")]
+    assert all(b.is_final for b in idle)
+    applied = eng.apply(trade(5 * MIN + 3, 9.0, offset=1, partition=1, inst="X:B"))
+    assert applied.late is not None
+    assert applied.late.intervals == ("1m", "1h")
+    # the next minute is a new window for 1m, while the hour stays closed
+    applied = eng.apply(trade(6 * MIN, 9.0, offset=2, partition=1, inst="X:B"))
+    assert applied.late is not None
+    assert applied.late.intervals == ("1h",)
+    # another instrument on the idle-closed partition is not affected
+    assert eng.apply(trade(5 * MIN + 4, 9.0, offset=3, partition=1, inst="X:C")).late is None
+
+
+def test_updates_are_paced_and_versions_grow() -> None:
+    clock = FakeClock()
+    eng = WindowEngine(cfg("1m", update_ms=1000), clock)
+    eng.apply(trade(MIN, 1.0, offset=0))
+    assert eng.flush_updates() == []  # less than 1 s since the partition started
+    clock.now += NS_PER_S
+    [u1] = eng.flush_updates()
+    assert (u1.is_final, u1.version, u1.trade_count) == (False, 1, 1)
+    eng.apply(trade(MIN + 1, 2.0, offset=1))
+    eng.apply(trade(MIN + 2, 3.0, offset=2))
+    assert eng.flush_updates() == []
+    clock.now += NS_PER_S
+    [u2] = eng.flush_updates()
+    assert (u2.version, u2.close) == (3, 3.0)
+    assert eng.flush_updates(force=True) == []  # nothing changed since
+    [f] = eng.close_all(0)
+    assert f.version == 4
+    assert eng.flush_updates(force=True) == []  # a closed bar gets no update after its final
+
+
+def test_state_round_trip_through_changelog_entries() -> None:
+    clock = FakeClock()
+    eng = WindowEngine(cfg("1m", "5m"), clock)
+    log: dict[bytes, bytes | None] = {}
+    eng.apply(trade(MIN, 1.0, offset=0, seq=3))
+    eng.apply(trade(MIN + 5, 2.5, 2, offset=1))
+    eng.apply(trade(3 * MIN, 0.5, offset=2))
+    log.update(eng.changes(0))
+    assert eng.changes(0) == []
+    restored = WindowEngine(cfg("1m", "5m"), clock)
+    restored.restore_partition(0, log.items())
+    assert restored.watermark(0) == 3 * MIN
+    assert restored.open_windows() == eng.open_windows()
+    for e in (eng, restored):
+        e.apply(trade(3 * MIN + 1, 4.0, offset=3))
+    assert restored.close_all(0) == eng.close_all(0)
+
+
+# ---------------------------------------------------------------------------------- property-based
+INSTRUMENTS = ("A:X", "A:Y", "B:Z")
+PART_OF = {"A:X": 0, "A:Y": 1, "B:Z": 0}
+PROP_CFG = WindowConfig.from_names(("1s", "5s", "1m"), allowed_lateness_ms=2000, idle_timeout_ms=60_000,
+                                   update_interval_ms=500)
+
+
+@dataclass(frozen=True)
+class Idle:
+    """A wall-clock jump past the idle timeout."""
+
+
+def _ref_bar(trades: list[Tick], interval: str, start: int, end: int) -> Bar:
+    first = min(trades, key=lambda t: t.sort_key)
+    last = max(trades, key=lambda t: t.sort_key)
+    volume = 0.0
+    pv = 0.0
+    for t in trades:
+        volume += t.size
+        pv += t.price * t.size
+    return Bar(first.instrument_id, first.venue, first.symbol, first.currency, interval, start, end,
+               first.price, max(t.price for t in trades), min(t.price for t in trades), last.price, volume,
+               pv / volume, len(trades), True, len(trades) + 1, first.ts_ns, last.ts_ns,
+               max(t.ingest_ns for t in trades), first.partition, min(t.offset for t in trades),
+               max(t.offset for t in trades))
+
+
+def reference(events: list[Tick | Idle], config: WindowConfig) -> tuple[list[Bar], int]:
+    """Final bars and late (trade, interval) count, computed naively from the whole sequence."""
+    lateness = config.allowed_lateness_ns
+    wm: dict[int, int] = {}
+    closed_through: dict[tuple[int, str, str], int] = {}
+    open_: dict[tuple[int, str, str, int], list[Tick]] = {}
+    finals: list[Bar] = []
+    late = 0
+
+    def close(pred: object) -> None:
+        for k in sorted(open_, key=lambda k: (k[3] + parse_interval(k[2]), k[1:])):
+            p, inst, name, start = k
+            end = start + parse_interval(name)
+            if pred is None or (p == pred and end + lateness < wm[p]):
+                finals.append(_ref_bar(open_.pop(k), name, start, end))
+                if pred is None:
+                    ck = (p, inst, name)
+                    closed_through[ck] = max(closed_through.get(ck, start), start)
+
+    for ev in events:
+        if isinstance(ev, Idle):
+            close(None)
+            continue
+        p = ev.partition
+        if ev.is_trade:
+            for iv in config.intervals:
+                start = iv.window_start(ev.ts_ns)
+                end = start + iv.length_ns
+                ct = closed_through.get((p, ev.instrument_id, iv.name))
+                if (p in wm and end + lateness < wm[p]) or (ct is not None and start <= ct):
+                    late += 1
+                    continue
+                open_.setdefault((p, ev.instrument_id, iv.name, start), []).append(ev)
+        if p not in wm or ev.ts_ns > wm[p]:
+            wm[p] = ev.ts_ns
+            close(p)
+    close(None)
+    return finals, late
+
+
+@st.composite
+def scenarios(draw: st.DrawFn) -> tuple[list[Tick | Idle], list[int], set[int]]:
+    n = draw(st.integers(1, 120))
+    events: list[Tick | Idle] = []
+    offsets = {0: 0, 1: 0}
+    clock_ts = 0
+    for _ in range(n):
+        if draw(st.integers(0, 30)) == 0:
+            events.append(Idle())
+            continue
+        clock_ts += draw(st.integers(0, 6)) * 250 * NS_PER_MS
+        # arrival out of order: mostly within the lateness, sometimes far behind (late)
+        back = draw(st.one_of(st.integers(0, 10), st.integers(0, 80))) * 250 * NS_PER_MS
+        inst = draw(st.sampled_from(INSTRUMENTS))
+        p = PART_OF[inst]
+        venue, symbol = inst.split(":")
+        is_trade = draw(st.integers(0, 4)) > 0
+        events.append(Tick(
+            inst, venue, symbol, "USD", is_trade, max(0, clock_ts - back),
+            draw(st.one_of(st.none(), st.integers(0, 3))),
+            draw(st.sampled_from([1.0, 1.5, 2.25, 99.0, -3.0, 0.1])),
+            draw(st.sampled_from([1.0, 2.0, 0.5, 100.0])),
+            draw(st.integers(0, 10**12)), p, offsets[p],
+        ))
+        offsets[p] += 1
+    cuts = sorted(set(draw(st.lists(st.integers(0, n), max_size=12))))
+    crashes = set(draw(st.lists(st.integers(0, len(cuts)), max_size=4)))
+    return events, cuts, crashes
+
+
+def run_engine(events: list[Tick | Idle], cuts: list[int], crashes: set[int], config: WindowConfig
+               ) -> tuple[list[Bar], list[Bar], int]:
+    """Run in batches (one transaction each); crash after processing batch i for i in `crashes`
+    (its outputs and state changes are discarded, the engine is rebuilt from the committed
+    changelog and the batch replayed). Returns committed finals, committed updates, late count."""
+    clock = FakeClock()
+    changelog: dict[int, dict[bytes, bytes | None]] = {0: {}, 1: {}}
+    eng = WindowEngine(config, clock)
+    finals: list[Bar] = []
+    updates: list[Bar] = []
+    late = 0
+    bounds = [0, *cuts, len(events)]
+    batches = [events[a:b] for a, b in itertools.pairwise(bounds)]
+    i = 0
+    crashed: set[int] = set()
+    while i < len(batches):
+        out: list[Bar] = []
+        batch_late = 0
+        for ev in batches[i]:
+            if isinstance(ev, Idle):
+                clock.now += config.idle_timeout_ns
+                out.extend(eng.close_idle())
+                continue
+            clock.now += 1 * NS_PER_MS * 100
+            applied = eng.apply(ev)
+            out.extend(applied.finals)
+            if applied.late is not None:
+                batch_late += len(applied.late.intervals)
+        out.extend(eng.flush_updates())
+        changes = {p: eng.changes(p) for p in (0, 1)}
+        if i in crashes and i not in crashed:
+            crashed.add(i)
+            eng = WindowEngine(config, clock)
+            for p in (0, 1):
+                eng.restore_partition(p, changelog[p].items())
+            continue
+        for p in (0, 1):
+            changelog[p].update(changes[p])
+        finals.extend(b for b in out if b.is_final)
+        updates.extend(b for b in out if not b.is_final)
+        late += batch_late
+        i += 1
+    clock.now += config.idle_timeout_ns
+    finals.extend(eng.close_idle())
+    return finals, updates, late
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(scenarios())
+def test_engine_matches_naive_reference_whatever_batches_and_crashes(
+    scenario: tuple[list[Tick | Idle], list[int], set[int]],
+) -> None:
+    events, cuts, crashes = scenario
+    expected, expected_late = reference(events, PROP_CFG)
+    finals, updates, late = run_engine(events, cuts, crashes, PROP_CFG)
+
+    def order(bars: list[Bar]) -> list[Bar]:
+        return sorted(bars, key=lambda b: (b.source_partition, b.key))
+
+    assert order(finals) == order(expected)
+    assert late == expected_late
+    # one final per bar, never an update after it, versions strictly growing per bar
+    seen: dict[tuple[str, str, int], int] = {}
+    final_keys = {b.key for b in finals}
+    assert len(final_keys) == len(finals)
+    for u in updates:
+        assert u.version == u.trade_count
+        assert u.version > seen.get(u.key, 0)
+        seen[u.key] = u.version
+    by_key = {b.key: b for b in finals}
+    for k, v in seen.items():
+        assert v < by_key[k].version
+
+
+@settings(max_examples=100, deadline=None)
+@given(scenarios())
+def test_same_input_same_finals_whatever_the_batches(
+    scenario: tuple[list[Tick | Idle], list[int], set[int]],
+) -> None:
+    events, cuts, _ = scenario
+    a, _, _ = run_engine(events, cuts, set(), PROP_CFG)
+    b, _, _ = run_engine(events, [], set(), PROP_CFG)
+    assert a == b
+
