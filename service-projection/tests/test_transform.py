@@ -310,3 +310,50 @@ def test_coalescing_gives_same_state(ticks: list[Tick], bars: list[Bar]) -> None
                 apply_hash_write(sub, w) if isinstance(w, HashWrite) else apply_series_write(sub, w)
             pending.clear()
         assert state == apply_all(writes)
+
+
+def _rec(topic: str, value: bytes | None, offset: int = 0) -> Any:
+    from dataproc_shared.records import InRecord
+    return InRecord(topic=topic, partition=0, offset=offset, key=b"XNYM:CLZ6", value=value, timestamp_ms=0)
+
+
+def test_project_records_routes_topics_and_dead_letters_bad_input() -> None:
+    from dataproc_shared import avro
+    from dataproc_shared.records import DeadLetterReason
+    from projection.transform import InputTopics, project_records
+
+    tick = {"instrument_id": "I1", "venue": "XNYM", "venue_symbol": "CLZ6", "symbol": "CL",
+            "asset_class": "fut", "currency": "USD", "tick_size": None, "multiplier": None,
+            "venue_timezone": "UTC", "kind": "TRADE",
+            "ts_ns": TS, "seq": None, "trade_id": None, "price": 1.5, "size": 2.0, "bid": None, "ask": None,
+            "bid_size": None, "ask_size": None, "ingest_ns": TS, "source_partition": 0, "source_offset": 1}
+    b = bar(is_final=True, iid="I1")
+    bar_rec = {"instrument_id": "I1", "venue": "XNYM", "symbol": "CL", "currency": "USD", "interval": "1m",
+               "window_start_ms": b.window_start_ms, "window_end_ms": b.window_end_ms,
+               "open": 1.0, "high": 2.0,
+               "low": 0.5, "close": 1.5, "volume": 3.0, "vwap": 1.2, "trade_count": 2, "is_final": True,
+               "version": 3, "first_ts_ns": 1, "last_ts_ns": 2, "max_ingest_ns": 3, "source_partition": 0,
+               "offset_from": 0, "offset_to": 1}
+    topics = InputTopics(ticks="ticks-t", bars="bars-t")
+    pending = PendingWrites()
+    batch = [
+        _rec("ticks-t", avro.encode("enriched_tick", tick), 5),
+        _rec("bars-t", avro.encode("bar", bar_rec), 6),
+        _rec("ticks-t", b"not avro", 7),
+        _rec("ticks-t", None, 8),
+        _rec("ticks-t", avro.encode("enriched_tick", {**tick, "kind": "QUOTE"}), 9),  # quote without sides
+        _rec("other", b"x", 10),
+    ]
+    dead = project_records(batch, topics, avro.decode, pending, max_final_bars=9)
+    assert [(d.source.offset, d.reason) for d in dead] == [
+        (7, DeadLetterReason.UNDECODABLE), (8, DeadLetterReason.UNDECODABLE), (9, DeadLetterReason.BAD_FIELD),
+        (10, DeadLetterReason.PROCESSING_ERROR)]
+    writes = pending.writes()
+    assert [type(w).__name__ for w in writes] == ["HashWrite", "HashWrite", "SeriesWrite"]
+    trade_write = writes[0]
+    assert isinstance(trade_write, HashWrite)
+    assert trade_write.order == order_key(TS, -(1 << 63), 5)
+    series = writes[2]
+    assert isinstance(series, SeriesWrite)
+    assert series.max_len == 9
+    assert series.version == 3

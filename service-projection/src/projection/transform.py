@@ -2,9 +2,9 @@
 
 Nothing here talks to Redis. A tick or a bar becomes one or more *writes*, plain data that say which key
 to change, which fields to set, and the order key that decides whether the write is newer than what the
-key already holds. `dataproc_shared`-independent and I/O-free, so the rules are unit-tested without a
-server; `projection.redis_sink` runs the same rules atomically inside Redis (Lua), and
-`apply_hash_write` / `apply_series_write` below are the reference model those scripts are tested against.
+key already holds. I/O-free, so the rules are unit-tested without a server; `projection.redis_sink`
+runs the same rules atomically inside Redis (Lua), and `apply_hash_write` / `apply_series_write` below
+are the reference model those scripts are tested against.
 
 Rules (the contract's "Redis" section, made precise):
 
@@ -28,12 +28,13 @@ Rules (the contract's "Redis" section, made precise):
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
 import orjson
+from dataproc_shared.records import DeadLetter, DeadLetterReason, InRecord
 
 #: Channel that announces every applied change.
 UPDATES_CHANNEL = "md:updates"
@@ -465,3 +466,59 @@ def apply_series_write(series: dict[str, int], write: SeriesWrite) -> bool:
         for member, _ in ranked[: len(series) - write.max_len]:
             del series[member]
     return write.member in series
+
+
+# --- Records of the input topics -> writes ---
+
+Decoder = Callable[[bytes, str], Mapping[str, Any]]
+
+
+@dataclass(frozen=True, slots=True)
+class InputTopics:
+    """The two input topics and the Avro schema each carries."""
+
+    ticks: str
+    bars: str
+
+
+TICK_SCHEMA = "enriched_tick"
+BAR_SCHEMA = "bar"
+
+
+def project_records(
+    batch: Iterable[InRecord],
+    topics: InputTopics,
+    decode: Decoder,
+    pending: PendingWrites,
+    max_final_bars: int = DEFAULT_MAX_FINAL_BARS,
+) -> list[DeadLetter]:
+    """Turn consumed records into pending writes; return the records that cannot be projected.
+
+    `decode(value, schema_name)` decodes an Avro message and raises on bytes it cannot read.
+    """
+    dead: list[DeadLetter] = []
+    for record in batch:
+        if record.topic == topics.ticks:
+            schema = TICK_SCHEMA
+        elif record.topic == topics.bars:
+            schema = BAR_SCHEMA
+        else:
+            detail = f"unexpected topic {record.topic}"
+            dead.append(DeadLetter(record, DeadLetterReason.PROCESSING_ERROR, detail))
+            continue
+        if record.value is None:
+            dead.append(DeadLetter(record, DeadLetterReason.UNDECODABLE, "empty message"))
+            continue
+        try:
+            decoded = decode(record.value, schema)
+        except Exception as exc:  # any decoder failure is bad data, not a bug of this service
+            dead.append(DeadLetter(record, DeadLetterReason.UNDECODABLE, f"{type(exc).__name__}: {exc}"))
+            continue
+        try:
+            if schema == TICK_SCHEMA:
+                pending.extend(tick_writes(tick_from_record(decoded), arrival=record.offset))
+            else:
+                pending.extend(bar_writes(bar_from_record(decoded), max_final_bars))
+        except BadInput as exc:
+            dead.append(DeadLetter(record, DeadLetterReason.BAD_FIELD, str(exc)))
+    return dead
