@@ -60,11 +60,10 @@ class Parsed:
 def parse_promql(expr: str) -> Parsed:
     """Metric selectors (name + matchers) and grouping labels of a PromQL expression."""
     out = Parsed()
-    pos = 0
-    tokens: list[tuple[str, str, int]] = [(m.lastgroup or "", m.group(), m.end()) for m in TOKEN.finditer(expr)]
+    tokens = [(m.lastgroup or "", m.group(), m.end()) for m in TOKEN.finditer(expr)]
     i = 0
     while i < len(tokens):
-        kind, text, end = tokens[i]
+        kind, text, _ = tokens[i]
         nxt = tokens[i + 1][0] if i + 1 < len(tokens) else ""
         if kind == "ident" and text in GROUPING:
             if nxt == "paren":
@@ -184,7 +183,8 @@ def test_expression_uses_only_exported_metrics_and_labels(where: str, expr: str)
     ('dp_bars_emitted_total{final="True"}', "never takes ['True']"),
     ('dp_transactions_total{outcome=~"aborted|crashed"}', "never takes ['crashed']"),
     ('up{job="dataproc"}', "never takes ['dataproc']"),
-    ("histogram_quantile(0.99, sum by (le) (rate(dp_batch_size[5m])))", "metric dp_batch_size is not exported"),
+    ("histogram_quantile(0.99, sum by (le) (rate(dp_batch_size[5m])))",
+     "metric dp_batch_size is not exported"),
 ])
 def test_checker_catches_wrong_names_and_labels(expr: str, problem: str) -> None:
     assert any(problem in p for p in check_expr(expr)), check_expr(expr)
@@ -221,7 +221,8 @@ def test_dashboards_are_provisioned_and_well_formed() -> None:
             assert panel["datasource"]["uid"] in uids, (name, panel["title"])
             assert panel["targets"], (name, panel["title"])
             grid = panel["gridPos"]
-            assert 0 <= grid["x"] and grid["x"] + grid["w"] <= 24, (name, panel["title"])
+            assert grid["x"] >= 0, (name, panel["title"])
+            assert grid["x"] + grid["w"] <= 24, (name, panel["title"])
 
 
 def test_overview_covers_the_pipeline() -> None:
