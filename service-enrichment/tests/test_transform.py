@@ -109,6 +109,18 @@ def test_known_tick_is_enriched_on_the_input_partition_with_key_and_headers() ->
     assert value["venue_symbol"] == "IBM"
 
 
+def test_event_time_header_is_added_when_asked() -> None:
+    enricher = Enricher(
+        _cache(IBM), output_topic="enriched", decode=_decode, encode=_encode, event_time_header="dp-event-ns"
+    )
+    result = enricher.enrich([_record(_encode(_tick("XNYS", "IBM")))], cache_current=True)
+    assert isinstance(result, BatchResult)
+    assert result.outputs[0].headers == (
+        ("dp-correlation-id", b"c1"),
+        ("dp-event-ns", b"1700000000000000000"),
+    )
+
+
 def test_negative_power_price_passes_through() -> None:
     enricher = _enricher(_cache(DEH))
     result = enricher.enrich([_record(_encode(_tick("EPEX", "DE-H14", price=-12.5)))], cache_current=True)

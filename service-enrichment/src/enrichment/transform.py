@@ -330,10 +330,12 @@ def _row_details(row: Row | None) -> dict[str, Any] | None:
 class Enricher:
     """Joins batches of normalized ticks with a `ReferenceCache`.
 
-    Output records keep the input key, partition and headers. A tick that does not decode becomes an
-    `undecodable` dead letter; an unknown or inactive instrument becomes an `unknown_instrument` /
-    `inactive_instrument` dead letter, but only when the cache is current: otherwise the whole batch
-    is returned as a `Hold`, so nothing is produced or committed past a record that cannot be decided.
+    Output records keep the input key, partition and headers (plus, when `event_time_header` is
+    given, that header with the tick's event time in ns as ASCII digits). A tick that does not
+    decode becomes an `undecodable` dead letter; an unknown or inactive instrument becomes an
+    `unknown_instrument` / `inactive_instrument` dead letter, but only when the cache is current:
+    otherwise the whole batch is returned as a `Hold`, so nothing is produced or committed past a
+    record that cannot be decided.
     """
 
     def __init__(
@@ -343,17 +345,20 @@ class Enricher:
         output_topic: str,
         decode: AvroDecoder,
         encode: AvroEncoder,
+        event_time_header: str | None = None,
     ) -> None:
         self._cache = cache
         self._output_topic = output_topic
         self._decode = decode
         self._encode = encode
+        self._event_time_header = event_time_header
 
     def enrich(self, batch: Sequence[InRecord], *, cache_current: bool) -> BatchResult | Hold:
         """Enrich `batch`, or return `Hold` when a record misses a cache that is not known current."""
         result = BatchResult()
         waiting: list[InRecord] = []
         lookup = self._cache.lookup
+        event_header = self._event_time_header
         for record in batch:
             if record.value is None:
                 result.dead_letters.append(
@@ -370,13 +375,16 @@ class Enricher:
                 continue
             found = lookup(venue, symbol)
             if found.resolution is Resolution.FOUND and found.instrument and found.venue:
+                headers = record.headers
+                if event_header is not None:
+                    headers = (*headers, (event_header, str(tick["ts_ns"]).encode()))
                 result.outputs.append(
                     OutRecord(
                         topic=self._output_topic,
                         key=record.key,
                         value=self._encode(enriched_value(tick, found.instrument, found.venue)),
                         partition=record.partition,
-                        headers=record.headers,
+                        headers=headers,
                     )
                 )
             elif not cache_current:
