@@ -11,6 +11,7 @@ from typing import Any
 import fastavro
 import orjson
 import pytest
+from dataproc_shared.logging import ensure_correlation_id as correlation_id
 from dataproc_shared.records import (
     CORRELATION_HEADER,
     INGEST_TIME_HEADER,
@@ -21,13 +22,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from normalization.dedup import DedupEntry
 from normalization.transform import (
+    EVENT_TIME_HEADER,
     Lineage,
     NormalizedTick,
     Normalizer,
     NormalizerConfig,
     Rejection,
     TickKind,
-    correlation_id,
     parse_tick,
 )
 
@@ -558,6 +559,7 @@ def test_batch_outputs_dead_letters_and_duplicates() -> None:
     assert dict(first.headers) == {
         CORRELATION_HEADER: b"corr-1",
         INGEST_TIME_HEADER: str((NOW_NS // 1_000_000 - 10) * 1_000_000).encode(),
+        EVENT_TIME_HEADER: str(NOW_NS).encode(),
     }
     assert json.loads(first.value or b"")["ingest_ns"] == (NOW_NS // 1_000_000 - 10) * 1_000_000
     assert [(d.source.offset, d.reason) for d in result.dead_letters] == [(1, R.NOT_JSON)]

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -19,6 +18,7 @@ from enum import StrEnum
 from typing import Any
 
 import orjson
+from dataproc_shared.logging import ensure_correlation_id
 from dataproc_shared.records import (
     CORRELATION_HEADER,
     INGEST_TIME_HEADER,
@@ -448,8 +448,8 @@ Clock = Callable[[], int]
 Encoder = Callable[[Mapping[str, Any]], bytes]
 Partitioner = Callable[[bytes, int], int]
 
-#: Namespace of the correlation ids made up for raw records that carry none.
-_CORRELATION_NS = uuid.UUID("5b0c3d52-8a4e-4f0e-9a57-0d1c4e6f7a21")
+#: Header with the event time (ns) of an output; the loop turns it into `dp_event_latency_seconds`.
+EVENT_TIME_HEADER = "dp-event-ns"
 
 
 @dataclass(frozen=True, slots=True)
@@ -472,19 +472,6 @@ class Duplicate:
 
 
 Outcome = NormalizedTick | Rejection | Duplicate
-
-
-def correlation_id(record: InRecord) -> str:
-    """The record's `dp-correlation-id` header, or an id derived from its coordinates (stable on replay)."""
-    raw = record.header(CORRELATION_HEADER)
-    if raw:
-        try:
-            text = raw.decode("utf-8").strip()
-        except UnicodeDecodeError:
-            text = ""
-        if text and text.isprintable() and len(text) <= 128:
-            return text
-    return str(uuid.uuid5(_CORRELATION_NS, f"{record.topic}:{record.partition}:{record.offset}"))
 
 
 class Normalizer:
@@ -558,8 +545,9 @@ class Normalizer:
             value=self._encode(tick.to_avro()),
             partition=self._partitioner(key, self.config.output_partitions),
             headers=(
-                (CORRELATION_HEADER, correlation_id(record).encode("utf-8")),
+                (CORRELATION_HEADER, ensure_correlation_id(record).encode("utf-8")),
                 (INGEST_TIME_HEADER, str(tick.ingest_ns).encode("ascii")),
+                (EVENT_TIME_HEADER, str(tick.ts_ns).encode("ascii")),
             ),
         )
 
@@ -570,7 +558,7 @@ def _duplicate_audit(record: InRecord, duplicate: Duplicate) -> AuditEvent:
         outcome="dropped",
         reason="duplicate",
         instrument=duplicate.tick.key,
-        correlation_id=correlation_id(record),
+        correlation_id=ensure_correlation_id(record),
         source_topic=record.topic,
         source_partition=record.partition,
         offset_from=record.offset,
