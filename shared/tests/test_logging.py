@@ -11,6 +11,7 @@ from dataproc_shared.logging import (
     bind_instrument,
     bind_record,
     configure_logging,
+    configure_logging_from_settings,
     correlation_id_of,
     ensure_correlation_id,
     get_logger,
@@ -149,3 +150,20 @@ def test_correlation_helpers() -> None:
     assert propagated_headers(bare, ingest_ns=5) == (
         (CORRELATION_HEADER, derived.encode()), (INGEST_TIME_HEADER, b"5"),
     )
+
+
+def test_configure_from_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    from dataproc_shared.config import load_settings
+
+    monkeypatch.setenv("DATA_PROC_ENV", "dev")
+    monkeypatch.setenv("DATA_PROC_INSTANCE_ID", "pod-3")
+    buf = io.StringIO()
+    configure_logging_from_settings(load_settings(service="aggregation"), stream=buf)
+    try:
+        get_logger().info("started")
+        (line,) = lines(buf)
+        assert (line["service"], line["instance_id"], line["event"]) == ("aggregation", "pod-3", "started")
+    finally:
+        structlog.reset_defaults()
+        for handler in list(logging.getLogger().handlers):
+            logging.getLogger().removeHandler(handler)

@@ -37,6 +37,7 @@ __all__ = [
     "bind_instrument",
     "bind_record",
     "configure_logging",
+    "configure_logging_from_settings",
     "correlation_id_of",
     "ensure_correlation_id",
     "get_logger",
@@ -122,6 +123,17 @@ def configure_logging(
     root.setLevel(level.upper())
     # librdkafka and aiohttp's access log are chatty at INFO.
     std_logging.getLogger("aiohttp.access").setLevel(max(root.level, std_logging.WARNING))
+
+
+def configure_logging_from_settings(settings: Any, stream: TextIO | None = None) -> None:
+    """`configure_logging` with the service, environment, level and instance id of `Settings`."""
+    configure_logging(
+        settings.service,
+        env=settings.env,
+        level=settings.log_level,
+        instance_id=settings.instance_id,
+        stream=stream,
+    )
 
 
 def _keep_exc_info(_logger: WrappedLogger, _method: str, event_dict: EventDict) -> EventDict:
