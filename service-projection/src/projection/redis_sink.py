@@ -141,6 +141,10 @@ class RedisProjectionSink:
         await self._client.script_load(SERIES_CAS)
         self._loaded = True
 
+    async def close(self) -> None:
+        """Close the client's connections."""
+        await self._client.aclose()
+
     async def ping(self) -> bool:
         """True when Redis answers PING."""
         return bool(await self._client.ping())
