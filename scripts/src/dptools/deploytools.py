@@ -25,7 +25,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, BinaryIO
 
 #: Where `scripts/install-tools.sh` puts tools that Debian does not package (helm).
 _CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
@@ -76,6 +76,7 @@ class PrometheusServer:
         self.url = f"http://127.0.0.1:{self.port}"
         self._proc: subprocess.Popen[bytes] | None = None
         self._dir: tempfile.TemporaryDirectory[str] | None = None
+        self._log: BinaryIO | None = None
 
     def start(self, timeout_s: float = 30.0) -> None:
         """Start the process and wait until `/-/ready` answers."""
@@ -86,7 +87,7 @@ class PrometheusServer:
         shutil.copy(self.config, config)
         for rule in self.rule_files:
             shutil.copy(rule, work / rule.name)
-        log = (work / "prometheus.log").open("wb")
+        self._log = log = (work / "prometheus.log").open("wb")
         self._proc = subprocess.Popen(
             [str(binary), f"--config.file={config}", f"--storage.tsdb.path={work / 'data'}",
              f"--web.listen-address=127.0.0.1:{self.port}", "--web.enable-lifecycle",
@@ -117,6 +118,9 @@ class PrometheusServer:
                 self._proc.kill()
                 self._proc.wait()
         self._proc = None
+        if self._log is not None:
+            self._log.close()
+            self._log = None
         if self._dir is not None:
             self._dir.cleanup()
             self._dir = None
