@@ -17,6 +17,7 @@ from pathlib import Path
 from dataproc_shared.clickhouse import connect
 from dataproc_shared.config import Settings, load_settings
 from dataproc_shared.errors import DataProcError
+from dataproc_shared.logging import configure_logging
 from dataproc_shared.migrate import (
     DEFAULT_ROOT,
     MigrationReport,
@@ -55,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         settings = load_settings(Settings, service="migrate")
+        configure_logging("migrate", env=settings.env, level=settings.log_level)
         for report in run(args.target, settings, args.dir):
             print(report.summary())
     except DataProcError as exc:

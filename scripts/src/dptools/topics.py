@@ -14,6 +14,7 @@ import sys
 from confluent_kafka.admin import AdminClient
 from dataproc_shared.config import Settings, admin_config, load_settings
 from dataproc_shared.errors import DataProcError
+from dataproc_shared.logging import configure_logging
 from dataproc_shared.topics import TopicStatus, ensure_topics, existing_topics, plan_topics
 
 
@@ -31,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         settings = load_settings(Settings, service="topics")
+        configure_logging("topics", env=settings.env, level=settings.log_level)
         specs = plan_topics(settings)
         if args.command == "create":
             statuses = create(settings)
