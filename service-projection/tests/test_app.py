@@ -5,6 +5,7 @@ from typing import Any
 import pytest
 import redis.exceptions
 from dataproc_shared import avro
+from dataproc_shared.metrics import ServiceMetrics
 from dataproc_shared.records import InRecord
 from projection.app import (
     ProjectionMetrics,
@@ -15,7 +16,6 @@ from projection.app import (
 from projection.redis_sink import WriteOutcome
 from projection.settings import ProjectionOptions
 from projection.transform import InputTopics, KeyType, Write
-from prometheus_client import CollectorRegistry
 
 TS = 1_763_908_200_123_456_789
 
@@ -67,13 +67,14 @@ def tick_record(offset: int, price: float, iid: str = "I1") -> InRecord:
     return InRecord(topic="ticks", partition=0, offset=offset, key=b"XNYM:CLZ6", value=value, timestamp_ms=0)
 
 
-def make(sink: FakeSink, clock: Clock, registry: CollectorRegistry | None = None,
+def make(sink: FakeSink, clock: Clock, metrics: ServiceMetrics | None = None,
          **opts: Any) -> ProjectionProcessor:
+    on_health = opts.pop("on_health", None)
     defaults: dict[str, Any] = {"retry_initial_ms": 100, "retry_max_ms": 400, "flush_deadline_s": 2.0}
     options = ProjectionOptions(**{**defaults, **opts})
     return ProjectionProcessor(sink, InputTopics(ticks="ticks", bars="bars"), options,  # type: ignore[arg-type]
-                               ProjectionMetrics(registry or CollectorRegistry()), sleep=clock.sleep,
-                               monotonic=clock.monotonic)
+                               ProjectionMetrics(metrics or ServiceMetrics("projection")), sleep=clock.sleep,
+                               monotonic=clock.monotonic, on_health=on_health)
 
 
 def test_backoff_doubles_to_the_cap() -> None:
@@ -82,8 +83,8 @@ def test_backoff_doubles_to_the_cap() -> None:
 
 
 async def test_batch_is_coalesced_and_flushed_once_before_commit() -> None:
-    sink, clock, registry = FakeSink(), Clock(), CollectorRegistry()
-    proc = make(sink, clock, registry)
+    sink, clock, metrics = FakeSink(), Clock(), ServiceMetrics("projection")
+    proc = make(sink, clock, metrics)
     result = await proc.process([tick_record(i, float(i)) for i in range(10)])
     assert result.dead_letters == []
     assert sink.calls == []  # nothing reaches Redis before the commit point
@@ -91,21 +92,26 @@ async def test_batch_is_coalesced_and_flushed_once_before_commit() -> None:
     assert len(sink.calls) == 1
     assert len(sink.calls[0]) == 1  # ten trades of one instrument: only the newest can survive
     assert dict(sink.calls[0][0].fields)["trade_price"] == "9.0"  # type: ignore[union-attr]
-    assert registry.get_sample_value("dp_redis_writes_total", {
+    assert metrics.registry.get_sample_value("dp_redis_writes_total", {
         "service": "projection", "key_type": "tick", "outcome": "applied"}) == 1.0
     await proc.before_commit()
     assert len(sink.calls) == 1  # nothing pending any more
 
 
 async def test_redis_down_retries_with_backoff_then_recovers() -> None:
-    sink, clock = FakeSink(failures=3), Clock()
-    proc = make(sink, clock)
+    sink, clock, metrics = FakeSink(failures=3), Clock(), ServiceMetrics("projection")
+    reports: list[bool] = []
+    proc = make(sink, clock, metrics, on_health=lambda up, _detail: reports.append(up))
     await proc.process([tick_record(1, 1.0)])
     await proc.before_commit()
     assert clock.sleeps == [0.1, 0.2, 0.4]
     assert len(sink.calls) == 4
     assert proc.health.up
     assert proc.flushes == 1
+    labels = {"service": "projection", "dependency": "redis"}
+    assert metrics.registry.get_sample_value("dp_dependency_up", labels) == 1
+    assert reports[:3] == [False, False, False]
+    assert reports[-1] is True
 
 
 async def test_redis_down_past_deadline_aborts_and_replay_resends() -> None:

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 import structlog
 from dataproc_shared import avro
 from dataproc_shared.masking import mask_text
+from dataproc_shared.metrics import ServiceMetrics
 from dataproc_shared.records import BatchResult, InRecord
-from prometheus_client import CollectorRegistry, Counter
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ReadOnlyError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -61,22 +61,25 @@ class RedisHealth:
 
 
 class ProjectionMetrics:
-    """`dp_redis_writes_total{service, key_type, outcome}` on the service's registry."""
+    """`dp_redis_writes_total{service, key_type, outcome}` of the service's `ServiceMetrics`."""
 
-    def __init__(self, registry: CollectorRegistry, service: str = "projection") -> None:
-        self._writes = Counter("dp_redis_writes", "Projection writes to Redis (stale = refused as older).",
-                               ["service", "key_type", "outcome"], registry=registry)
-        self._service = service
+    def __init__(self, metrics: ServiceMetrics) -> None:
+        self._metrics = metrics
         for key_type in KeyType:
             for outcome in ("applied", "stale"):
-                self._writes.labels(service, key_type.value, outcome)
+                metrics.child(metrics.redis_writes, key_type=key_type.value, outcome=outcome)
 
     def record(self, outcome: WriteOutcome) -> None:
         """Count one flush's outcome."""
+        m = self._metrics
         for key_type, n in outcome.applied.items():
-            self._writes.labels(self._service, key_type.value, "applied").inc(n)
+            m.child(m.redis_writes, key_type=key_type.value, outcome="applied").inc(n)
         for key_type, n in outcome.stale.items():
-            self._writes.labels(self._service, key_type.value, "stale").inc(n)
+            m.child(m.redis_writes, key_type=key_type.value, outcome="stale").inc(n)
+
+    def dependency(self, up: bool) -> None:
+        """`dp_dependency_up{dependency="redis"}`."""
+        self._metrics.set_dependency("redis", up)
 
 
 def backoff_delays(initial_s: float, max_s: float) -> Callable[[], float]:
@@ -103,6 +106,7 @@ class ProjectionProcessor:
         metrics: ProjectionMetrics,
         health: RedisHealth | None = None,
         *,
+        on_health: Callable[[bool, str], None] | None = None,
         service: str = "projection",
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         monotonic: Callable[[], float] = time.monotonic,
@@ -112,6 +116,7 @@ class ProjectionProcessor:
         self._opts = options
         self._metrics = metrics
         self.health = health or RedisHealth()
+        self._on_health = on_health
         self._service = service
         self._sleep = sleep
         self._monotonic = monotonic
@@ -194,6 +199,9 @@ class ProjectionProcessor:
         await self._sink.close()
 
     def _mark(self, up: bool, detail: str) -> None:
+        self._metrics.dependency(up)
+        if self._on_health is not None:
+            self._on_health(up, detail)
         if self.health.mark(up, detail, self._monotonic()):
             (log.info if up else log.warning)("redis dependency changed", service=self._service,
                                               dependency="redis", up=up, detail=detail)
@@ -209,11 +217,12 @@ def input_topics(settings: ProjectionSettings) -> InputTopics:
     return InputTopics(ticks=settings.topics.enriched, bars=settings.topics.bars)
 
 
-def build_processor(settings: ProjectionSettings, registry: CollectorRegistry) -> ProjectionProcessor:
+def build_processor(settings: ProjectionSettings, metrics: ServiceMetrics,
+                    on_health: Callable[[bool, str], None] | None = None) -> ProjectionProcessor:
     """The processor wired to a Redis client built from the settings (the URL is never logged)."""
     opts = settings.projection
     client = redis_client(settings.redis_url_value(), ssl=settings.redis_ssl_options(),
                           socket_timeout_s=opts.socket_timeout_s)
     sink = RedisProjectionSink(client, channel=opts.updates_channel, chunk_size=opts.pipeline_chunk)
-    metrics = ProjectionMetrics(registry, settings.service)
-    return ProjectionProcessor(sink, input_topics(settings), opts, metrics, service=settings.service)
+    return ProjectionProcessor(sink, input_topics(settings), opts, ProjectionMetrics(metrics),
+                               service=settings.service, on_health=on_health)
