@@ -1,0 +1,1 @@
+"""The Kafka loop (`loop.KafkaLoop`) and the pass-through processor (`passthrough`)."""

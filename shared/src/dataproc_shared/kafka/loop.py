@@ -1,0 +1,746 @@
+"""The Kafka loop: the one place where delivery guarantees are implemented.
+
+`KafkaLoop` drives a service's `Processor` over confluent-kafka. asyncio runs outside; every
+blocking librdkafka call runs in a worker thread (`asyncio.to_thread`) so the health server stays
+responsive. One cycle:
+
+1. consume up to `loop.batch_size` records (waiting at most `loop.batch_timeout_ms`);
+2. `processor.process(batch)`, plus `processor.on_tick()` every `loop.tick_interval_ms` (also with
+   no input);
+3. produce outputs (`OutRecord.partition` when set, else by key with the murmur2 partitioner, as
+   the Java client does), dead letters (contract JSON) and the batch's audit events;
+4. `processor.before_commit()` (flush external sinks; its records join the same commit);
+5. commit:
+   - `exactly-once`: everything above plus the input offsets
+     (`send_offsets_to_transaction(positions, consumer_group_metadata)`) in one Kafka transaction,
+     one transaction per cycle; `transactional.id = <service>-<instance_id>`; the consumer reads
+     `read_committed` with auto-commit off;
+   - `at-least-once`: idempotent producer; offsets are committed only after every record of the
+     cycle is delivered (flush) and `before_commit` succeeded.
+
+No transaction is open while `consume` runs, so a rebalance never meets a half-done transaction:
+the previous cycle has committed (or aborted) before the next `consume` can serve a revocation.
+
+Errors (librdkafka classes): retriable -> retry the call; abortable (`txn_requires_abort`) -> abort,
+`processor.on_abort()`, rewind every assigned partition to its committed offset, redo; fatal or
+fenced -> recreate the producer (`init_transactions` again, which also fences/finishes our previous
+transaction), `on_abort`, rewind; after `MAX_PRODUCER_RESTARTS` restarts within
+`PRODUCER_RESTART_WINDOW_S` the loop raises `LoopFatalError` and the service exits non-zero for the
+orchestrator. An exception from `processor.process` is treated as a bug that one of the records
+triggers: the batch is redone record by record and the record that raises becomes a
+`processing_error` dead letter, so the partition keeps flowing.
+
+Rebalances use the eager `range` assignor: with equal partition counts it gives a consumer the same
+partition numbers of every input topic (co-partitioning, which the projection service's two
+inputs and the per-partition state rely on). Newly assigned partitions are paused inside the
+rebalance callback; the loop calls `processor.on_assign` (state restore) and only then resumes them.
+Records already fetched in a consume call that served a rebalance are discarded (their partitions
+were revoked, or are rewound).
+
+Backpressure: when the producer queue holds more than `loop.pause_records` records, the assigned
+partitions are paused and the producer drained to `loop.resume_records` before consuming again;
+the consumer's own prefetch is bounded by `queued.max.messages.kbytes`. A slow `before_commit`
+(sink) holds the cycle, so nothing more is consumed meanwhile: memory stays bounded by one batch.
+
+Headers: `dp-correlation-id` and `dp-ingest-ns` are copied from an input record to the outputs of
+the same key in the batch when the processor did not set them (a record without a correlation id
+gets `<topic>-<partition>-<offset>`, without an ingest time its Kafka timestamp).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+import structlog
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    Producer,
+    TopicPartition,
+)
+
+from dataproc_shared.audit import AuditEmitter, lifecycle_event
+from dataproc_shared.config import Settings, consumer_config, producer_config
+from dataproc_shared.deadletter import dead_letter_audit_event, dead_letter_record
+from dataproc_shared.errors import DataProcError
+from dataproc_shared.metrics import ServiceMetrics
+from dataproc_shared.processor import Processor
+from dataproc_shared.records import (
+    CORRELATION_HEADER,
+    INGEST_TIME_HEADER,
+    AuditEvent,
+    BatchResult,
+    DeadLetter,
+    DeadLetterReason,
+    Headers,
+    InRecord,
+    OutRecord,
+)
+
+log = structlog.get_logger(__name__)
+
+#: Optional header with the event time (ns since the epoch) of an output; feeds `dp_event_latency_seconds`.
+EVENT_TIME_HEADER = "dp-event-ns"
+#: Producer restarts (fatal/fenced) tolerated within `PRODUCER_RESTART_WINDOW_S` before giving up.
+MAX_PRODUCER_RESTARTS = 3
+PRODUCER_RESTART_WINDOW_S = 300.0
+#: Consumer lag is refreshed this often.
+LAG_INTERVAL_S = 10.0
+#: Timeout of one blocking transactional call before it is retried (librdkafka needs a finite one).
+TXN_CALL_TIMEOUT_S = 30.0
+#: How often a retriable error is retried before the cycle is aborted.
+RETRIES = 5
+
+_FENCED_CODES = frozenset({KafkaError._FENCED, KafkaError.PRODUCER_FENCED, KafkaError.INVALID_PRODUCER_EPOCH})
+
+ErrorClass = Literal["retriable", "abortable", "fatal"]
+RebalanceKind = Literal["assign", "revoke", "lost"]
+TP = tuple[str, int]
+
+
+class LoopError(DataProcError):
+    """Base of the loop's errors."""
+
+
+class LoopFatalError(LoopError):
+    """The loop cannot continue (producer keeps failing fatally); the process should exit non-zero."""
+
+
+class _CycleFailed(LoopError):
+    """Internal: the current cycle must be rolled back; `kind` says how."""
+
+    def __init__(self, kind: ErrorClass, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+def classify(error: KafkaError) -> ErrorClass:
+    """The librdkafka error class of `error`: fenced and fatal errors first, then abortable, retriable."""
+    if error.fatal() or error.code() in _FENCED_CODES:
+        return "fatal"
+    if error.txn_requires_abort():
+        return "abortable"
+    if error.retriable():
+        return "retriable"
+    return "abortable"
+
+
+def _error_of(exc: KafkaException) -> KafkaError | None:
+    arg = exc.args[0] if exc.args else None
+    return arg if isinstance(arg, KafkaError) else None
+
+
+class LoopListener:
+    """Hooks for the health server; the defaults do nothing."""
+
+    def assigned(self, partitions: frozenset[TP]) -> None:
+        """The set of assigned partitions changed (ready once non-empty and restored)."""
+
+    def heartbeat(self) -> None:
+        """The loop completed a cycle (liveness)."""
+
+
+@dataclass(slots=True)
+class _Batch:
+    """Per-cycle bookkeeping: records and, per partition, the first and last offsets."""
+
+    records: list[InRecord] = field(default_factory=list)
+    first: dict[TP, int] = field(default_factory=dict)
+    last: dict[TP, int] = field(default_factory=dict)
+
+    def add(self, rec: InRecord) -> None:
+        tp = (rec.topic, rec.partition)
+        self.records.append(rec)
+        self.first.setdefault(tp, rec.offset)
+        self.last[tp] = rec.offset
+
+    def offsets(self) -> list[TopicPartition]:
+        """Next offsets to commit (last consumed + 1) per partition."""
+        return [TopicPartition(t, p, off + 1) for (t, p), off in self.last.items()]
+
+
+class KafkaLoop:
+    """Consume -> process -> produce -> commit, under the configured processing guarantee."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        processor: Processor,
+        *,
+        input_topics: Sequence[str],
+        metrics: ServiceMetrics,
+        audit: AuditEmitter | None = None,
+        listener: LoopListener | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        """`clock` gives seconds since the epoch (latency metrics, dead-letter timestamps)."""
+        self._settings = settings
+        self._opts = settings.loop
+        self._exactly_once = settings.loop.guarantee == "exactly-once"
+        self._processor = processor
+        self._topics = list(input_topics)
+        self._metrics = _Metrics(metrics)
+        self._audit = audit
+        self._listener = listener or LoopListener()
+        self._clock = clock
+        self._service = settings.service
+        self._deadletter_topic = settings.topics.deadletter
+        self._transactional_id = f"{settings.service}-{settings.instance_id}"
+        self._consumer: Consumer | None = None
+        self._producer: Producer | None = None
+        self._assigned: set[TP] = set()
+        self._events: list[tuple[RebalanceKind, list[TP]]] = []
+        self._restarts: list[float] = []
+        self._next_tick = 0.0
+        self._next_lag = 0.0
+        self._failures = 0
+        self._delivery_errors: list[str] = []
+        self.committed_cycles = 0
+
+    @property
+    def _c(self) -> Consumer:
+        if self._consumer is None:
+            raise LoopError("the loop is not running")
+        return self._consumer
+
+    @property
+    def _p(self) -> Producer:
+        if self._producer is None:
+            raise LoopError("the loop is not running")
+        return self._producer
+
+    # ---- public -------------------------------------------------------------------------------
+
+    @property
+    def assigned(self) -> frozenset[TP]:
+        """Partitions currently assigned and restored."""
+        return frozenset(self._assigned)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Run until `stop` is set, then shut down cleanly (finish the cycle, commit, close)."""
+        await asyncio.to_thread(self._start_clients)
+        self._emit(lifecycle_event("start", guarantee=self._opts.guarantee, topics=self._topics,
+                                   transactional_id=self._transactional_id if self._exactly_once else ""))
+        self._next_tick = time.monotonic() + self._opts.tick_interval_ms / 1000
+        try:
+            while not stop.is_set():
+                await self._cycle()
+        finally:
+            await self._close()
+
+    # ---- clients ------------------------------------------------------------------------------
+
+    def _start_clients(self) -> None:
+        self._producer = self._new_producer()
+        conf = consumer_config(self._settings, **{
+            "partition.assignment.strategy": "range",
+            # Static membership: a restarted instance takes its partitions back without waiting for
+            # the session timeout of its previous incarnation.
+            "group.instance.id": self._transactional_id,
+        })
+        consumer = Consumer(conf)
+        consumer.subscribe(self._topics, on_assign=self._cb_assign, on_revoke=self._cb_revoke,
+                           on_lost=self._cb_lost)
+        self._consumer = consumer
+        log.info("loop started", service=self._service, topics=self._topics, guarantee=self._opts.guarantee)
+
+    def _new_producer(self) -> Producer:
+        overrides: dict[str, str | int | float | bool] = {"partitioner": "murmur2_random"}
+        if self._exactly_once:
+            conf = producer_config(self._settings, self._transactional_id, **overrides)
+        else:
+            conf = producer_config(self._settings, None, **overrides)
+        producer = Producer({**conf, "error_cb": self._cb_error})
+        if self._exactly_once:
+            self._retry(lambda: producer.init_transactions(TXN_CALL_TIMEOUT_S), "init_transactions")
+        return producer
+
+    def _cb_error(self, err: KafkaError) -> None:
+        log.warning("kafka client error", service=self._service, error=str(err), fatal=err.fatal())
+
+    def _retry(self, call: Callable[[], Any], what: str) -> Any:
+        """Run a blocking client call, retrying retriable errors; raise `_CycleFailed` otherwise."""
+        for attempt in range(RETRIES):
+            try:
+                return call()
+            except KafkaException as exc:
+                err = _error_of(exc)
+                kind: ErrorClass = classify(err) if err is not None else "fatal"
+                if kind == "retriable" and attempt < RETRIES - 1:
+                    log.info("retrying kafka call", call=what, error=str(exc), attempt=attempt + 1)
+                    time.sleep(min(0.1 * 2**attempt, 2.0))
+                    continue
+                raise _CycleFailed("abortable" if kind == "retriable" else kind, f"{what}: {exc}") from exc
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    # ---- rebalance callbacks (run inside consume, in the worker thread) ------------------------
+
+    def _cb_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        consumer.assign(partitions)
+        if partitions:
+            # Nothing of these partitions is fetched until the processor has restored their state.
+            consumer.pause(partitions)
+        self._events.append(("assign", [(tp.topic, tp.partition) for tp in partitions]))
+
+    def _cb_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._events.append(("revoke", [(tp.topic, tp.partition) for tp in partitions]))
+
+    def _cb_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._events.append(("lost", [(tp.topic, tp.partition) for tp in partitions]))
+
+    # ---- the cycle ----------------------------------------------------------------------------
+
+    async def _cycle(self) -> None:
+        consumer = self._c
+        self._heartbeat()
+        await self._backpressure()
+        msgs: list[Message] = await asyncio.to_thread(
+            consumer.consume, self._opts.batch_size, self._opts.batch_timeout_ms / 1000
+        )
+        if self._events:
+            await self._handle_rebalance(msgs)
+            return
+        batch = self._to_batch(msgs)
+        result = BatchResult()
+        started = time.perf_counter()
+        if batch.records:
+            self._metrics.consumed(batch.records)
+            result = await self._process(batch.records)
+        now = time.monotonic()
+        if now >= self._next_tick:
+            self._next_tick = now + self._opts.tick_interval_ms / 1000
+            result.extend(await self._processor.on_tick())
+        if batch.records or result.outputs or result.dead_letters or result.audit:
+            await self._commit_cycle(batch, result, started)
+        if now >= self._next_lag:
+            self._next_lag = now + LAG_INTERVAL_S
+            await asyncio.to_thread(self._update_lag)
+
+    def _heartbeat(self) -> None:
+        self._metrics.tick(self._clock())
+        self._listener.heartbeat()
+
+    def _to_batch(self, msgs: Iterable[Message]) -> _Batch:
+        batch = _Batch()
+        for msg in msgs:
+            err = msg.error()
+            if err is not None:
+                if err.code() == KafkaError._PARTITION_EOF:
+                    continue
+                if err.fatal():
+                    raise LoopFatalError(f"consumer failed: {err}")
+                log.warning("consume error", service=self._service, error=str(err))
+                continue
+            topic, partition = msg.topic(), msg.partition()
+            if topic is None or partition is None or (topic, partition) not in self._assigned:
+                continue
+            _kind, ts = msg.timestamp()
+            raw = msg.headers() or []
+            pairs = raw.items() if isinstance(raw, dict) else raw
+            headers: Headers = tuple((k, v.encode() if isinstance(v, str) else (v or b"")) for k, v in pairs)
+            batch.add(InRecord(topic=topic, partition=partition, offset=msg.offset() or 0, key=msg.key(),
+                               value=msg.value(), timestamp_ms=ts, headers=headers))
+        return batch
+
+    async def _process(self, records: list[InRecord]) -> BatchResult:
+        try:
+            return await self._processor.process(records)
+        except Exception:
+            log.exception("process failed, redoing the batch record by record", service=self._service,
+                          records=len(records))
+        await self._processor.on_abort()
+        result = BatchResult()
+        for rec in records:
+            try:
+                result.extend(await self._processor.process([rec]))
+            except Exception as exc:
+                log.warning("record failed processing", service=self._service, topic=rec.topic,
+                            partition=rec.partition, offset=rec.offset, error=repr(exc))
+                result.dead_letters.append(
+                    DeadLetter(rec, DeadLetterReason.PROCESSING_ERROR, f"{type(exc).__name__}: {exc}")
+                )
+        return result
+
+    # ---- commit -------------------------------------------------------------------------------
+
+    async def _commit_cycle(self, batch: _Batch, result: BatchResult, started: float) -> None:
+        try:
+            produced = await self._produce_and_commit(batch, result)
+        except _CycleFailed as exc:
+            await self._recover(exc.kind, str(exc))
+            return
+        self._failures = 0
+        self.committed_cycles += 1
+        self._metrics.committed(batch, produced, time.perf_counter() - started, self._clock())
+        if self._audit is not None:
+            for event in produced.audit:
+                self._audit.emit(event, skip_kafka=produced.audit_in_txn)
+            if produced.audit_in_txn:
+                self._audit.count_written("kafka", len(produced.audit))
+
+    async def _produce_and_commit(self, batch: _Batch, result: BatchResult) -> _Produced:
+        producer = self._p
+        failed_at = datetime.fromtimestamp(self._clock(), UTC)
+        produced = _Produced(audit_in_txn=self._exactly_once and self._audit is not None
+                             and self._audit.kafka_topic is not None)
+        self._delivery_errors = []
+        if self._exactly_once:
+            await asyncio.to_thread(self._retry, producer.begin_transaction, "begin_transaction")
+        records = self._collect(batch, result, produced, failed_at)
+        await asyncio.to_thread(self._produce_all, records)
+        try:
+            extra = await self._processor.before_commit()
+        except Exception as exc:
+            raise _CycleFailed("abortable", f"before_commit: {exc!r}") from exc
+        extra_records = self._collect(batch, extra, produced, failed_at)
+        audit_records = self._audit_records(batch, produced)
+        await asyncio.to_thread(self._produce_all, extra_records + audit_records)
+        if self._exactly_once:
+            await asyncio.to_thread(self._commit_transaction, batch.offsets())
+        else:
+            await asyncio.to_thread(self._flush_and_commit, batch.offsets())
+        return produced
+
+    def _collect(self, batch: _Batch, result: BatchResult, produced: _Produced,
+                 failed_at: datetime) -> list[OutRecord]:
+        by_key: dict[bytes | None, InRecord] = {}
+        for rec in batch.records:
+            by_key[rec.key] = rec
+        single = batch.records[0] if len(batch.records) == 1 else None
+        out = [self._with_headers(o, by_key.get(o.key, single)) for o in result.outputs]
+        for dl in result.dead_letters:
+            out.append(dead_letter_record(dl, service=self._service, failed_at=failed_at,
+                                          topic=self._deadletter_topic))
+            produced.dead_letters.append(dl)
+            produced.audit.append(dead_letter_audit_event(dl))
+        produced.outputs.extend(o for o in out if o.topic != self._deadletter_topic)
+        produced.audit.extend(result.audit)
+        produced.deduplicated += result.deduplicated
+        return out
+
+    def _audit_records(self, batch: _Batch, produced: _Produced) -> list[OutRecord]:
+        """One audit event per input partition of the batch; all audit events as transaction records."""
+        dead_by_tp: dict[TP, int] = {}
+        for dl in produced.dead_letters:
+            tp = (dl.source.topic, dl.source.partition)
+            dead_by_tp[tp] = dead_by_tp.get(tp, 0) + 1
+        counts: dict[TP, int] = {}
+        for rec in batch.records:
+            tp = (rec.topic, rec.partition)
+            counts[tp] = counts.get(tp, 0) + 1
+        for (topic, partition), n in counts.items():
+            produced.audit.append(AuditEvent(
+                event_type="batch_committed",
+                source_topic=topic,
+                source_partition=partition,
+                offset_from=batch.first[(topic, partition)],
+                offset_to=batch.last[(topic, partition)],
+                details={"in": n, "dead_lettered": dead_by_tp.get((topic, partition), 0),
+                         "batch_in": len(batch.records), "batch_out": len(produced.outputs),
+                         "batch_dead_lettered": len(produced.dead_letters),
+                         "batch_deduplicated": produced.deduplicated,
+                         "guarantee": self._opts.guarantee},
+            ))
+        if produced.audit_in_txn and self._audit is not None:
+            return self._audit.kafka_records(produced.audit)
+        return []
+
+    def _with_headers(self, out: OutRecord, source: InRecord | None) -> OutRecord:
+        if source is None:
+            return out
+        names = {k for k, _ in out.headers}
+        extra: list[tuple[str, bytes]] = []
+        if CORRELATION_HEADER not in names:
+            cid = source.header(CORRELATION_HEADER)
+            if cid is None:
+                cid = f"{source.topic}-{source.partition}-{source.offset}".encode()
+            extra.append((CORRELATION_HEADER, cid))
+        if INGEST_TIME_HEADER not in names:
+            ingest = source.header(INGEST_TIME_HEADER)
+            extra.append((INGEST_TIME_HEADER,
+                          ingest if ingest is not None else str(source.timestamp_ms * 1_000_000).encode()))
+        if not extra:
+            return out
+        return OutRecord(topic=out.topic, key=out.key, value=out.value, partition=out.partition,
+                         headers=out.headers + tuple(extra))
+
+    def _delivered(self, err: KafkaError | None, _msg: Message) -> None:
+        if err is not None:
+            self._delivery_errors.append(str(err))
+
+    def _produce_all(self, records: Sequence[OutRecord]) -> None:
+        producer = self._p
+        on_delivery = None if self._exactly_once else self._delivered
+        try:
+            for r in records:
+                headers: list[tuple[str, str | bytes | None]] | None = list(r.headers) if r.headers else None
+                while True:
+                    try:
+                        if r.partition is None:
+                            producer.produce(r.topic, r.value, r.key, headers=headers,
+                                             on_delivery=on_delivery)
+                        else:
+                            producer.produce(r.topic, r.value, r.key, partition=r.partition,
+                                             headers=headers, on_delivery=on_delivery)
+                        break
+                    except BufferError:
+                        producer.poll(0.05)
+            producer.poll(0)
+        except KafkaException as exc:
+            err = _error_of(exc)
+            kind = classify(err) if err is not None else "fatal"
+            raise _CycleFailed("abortable" if kind == "retriable" else kind, f"produce: {exc}") from exc
+
+    def _commit_transaction(self, offsets: list[TopicPartition]) -> None:
+        producer, consumer = self._p, self._c
+        if offsets:
+            metadata = consumer.consumer_group_metadata()
+            self._retry(lambda: producer.send_offsets_to_transaction(offsets, metadata, TXN_CALL_TIMEOUT_S),
+                        "send_offsets_to_transaction")
+        self._retry(lambda: producer.commit_transaction(TXN_CALL_TIMEOUT_S), "commit_transaction")
+
+    def _flush_and_commit(self, offsets: list[TopicPartition]) -> None:
+        producer, consumer = self._p, self._c
+        remaining = producer.flush(TXN_CALL_TIMEOUT_S)
+        if remaining or self._delivery_errors:
+            raise _CycleFailed("abortable", f"delivery failed: {remaining} undelivered, "
+                                            f"errors {self._delivery_errors[:3]}")
+        if offsets:
+            self._retry(lambda: consumer.commit(offsets=offsets, asynchronous=False), "commit")
+
+    # ---- recovery -----------------------------------------------------------------------------
+
+    async def _recover(self, kind: ErrorClass, message: str) -> None:
+        self._failures += 1
+        log.warning("cycle rolled back", service=self._service, error_class=kind, error=message,
+                    consecutive=self._failures)
+        if self._exactly_once and kind != "fatal":
+            producer = self._p
+            try:
+                await asyncio.to_thread(self._retry, lambda: producer.abort_transaction(TXN_CALL_TIMEOUT_S),
+                                        "abort_transaction")
+            except _CycleFailed as exc:
+                log.warning("abort failed", service=self._service, error=str(exc))
+                kind = "fatal"
+        if kind == "fatal":
+            self._metrics.transaction("failed")
+            await self._restart_producer()
+        else:
+            self._metrics.transaction("aborted")
+        self._emit(AuditEvent(event_type="transaction_aborted", outcome="aborted", reason=kind,
+                              details={"error": message[:500]}))
+        await self._processor.on_abort()
+        await asyncio.to_thread(self._rewind)
+        await asyncio.sleep(min(0.05 * 2 ** min(self._failures, 7), 5.0))
+
+    async def _restart_producer(self) -> None:
+        now = time.monotonic()
+        self._restarts = [t for t in self._restarts if now - t < PRODUCER_RESTART_WINDOW_S] + [now]
+        if len(self._restarts) > MAX_PRODUCER_RESTARTS:
+            raise LoopFatalError(f"producer failed fatally {len(self._restarts)} times "
+                                 f"within {PRODUCER_RESTART_WINDOW_S:.0f}s")
+        old = self._producer
+        if old is not None:
+            await asyncio.to_thread(old.purge)
+        for attempt in range(RETRIES):
+            try:
+                self._producer = await asyncio.to_thread(self._new_producer)
+                log.info("producer recreated", service=self._service, transactional_id=self._transactional_id)
+                return
+            except (_CycleFailed, KafkaException) as exc:
+                log.warning("producer restart failed", service=self._service, error=str(exc), attempt=attempt)
+                await asyncio.sleep(1.0 * (attempt + 1))
+        raise LoopFatalError("producer could not be recreated")
+
+    def _rewind(self) -> None:
+        """Seek every assigned partition back to its committed offset (the start of the failed cycle)."""
+        consumer = self._c
+        if not self._assigned:
+            return
+        tps = [TopicPartition(t, p) for t, p in sorted(self._assigned)]
+        committed = self._retry(lambda: consumer.committed(tps, timeout=TXN_CALL_TIMEOUT_S), "committed")
+        targets = [
+            TopicPartition(tp.topic, tp.partition, tp.offset if tp.offset >= 0 else OFFSET_BEGINNING)
+            for tp in committed
+        ]
+        self._seek(targets)
+
+    def _seek(self, targets: list[TopicPartition]) -> None:
+        consumer = self._c
+        for tp in targets:
+            for attempt in range(RETRIES):
+                try:
+                    consumer.seek(tp)
+                    break
+                except KafkaException as exc:
+                    if attempt == RETRIES - 1:
+                        raise LoopFatalError(f"cannot rewind {tp.topic}[{tp.partition}]: {exc}") from exc
+                    time.sleep(0.1 * (attempt + 1))
+
+    # ---- rebalance ----------------------------------------------------------------------------
+
+    async def _handle_rebalance(self, msgs: list[Message]) -> None:
+        consumer = self._c
+        events, self._events = self._events, []
+        first_seen: dict[TP, int] = {}
+        for msg in msgs:
+            topic, partition = msg.topic(), msg.partition()
+            if msg.error() is None and topic is not None and partition is not None:
+                first_seen.setdefault((topic, partition), msg.offset() or 0)
+        fresh: set[TP] = set()
+        for kind, parts in events:
+            self._metrics.rebalance(kind)
+            self._emit(lifecycle_event("rebalance", change=kind, partitions=[f"{t}[{p}]" for t, p in parts]))
+            log.info("partitions " + kind, service=self._service, partitions=parts)
+            if kind == "assign":
+                fresh.update(parts)
+                await self._processor.on_assign(parts)
+                self._assigned.update(parts)
+            else:
+                self._assigned.difference_update(parts)
+                fresh.difference_update(parts)
+                self._metrics.forget_lag(parts)
+                await self._processor.on_revoke(parts)
+        # Records fetched before the rebalance are dropped; a partition that stayed assigned goes back.
+        back = [TopicPartition(t, p, off) for (t, p), off in first_seen.items()
+                if (t, p) in self._assigned and (t, p) not in fresh]
+        if back:
+            await asyncio.to_thread(self._seek, back)
+        if fresh:
+            await asyncio.to_thread(consumer.resume, [TopicPartition(t, p) for t, p in sorted(fresh)])
+        self._listener.assigned(frozenset(self._assigned))
+
+    # ---- backpressure, lag --------------------------------------------------------------------
+
+    async def _backpressure(self) -> None:
+        producer, consumer = self._p, self._c
+        if len(producer) <= self._opts.pause_records:
+            return
+        tps = [TopicPartition(t, p) for t, p in sorted(self._assigned)]
+        log.info("pausing consumption: producer queue full", service=self._service, queued=len(producer))
+        await asyncio.to_thread(consumer.pause, tps)
+        try:
+            while len(producer) > self._opts.resume_records:
+                await asyncio.to_thread(producer.poll, 0.1)
+                self._heartbeat()
+        finally:
+            await asyncio.to_thread(consumer.resume, tps)
+
+    def _update_lag(self) -> None:
+        consumer = self._c
+        if not self._assigned:
+            return
+        try:
+            positions = consumer.position([TopicPartition(t, p) for t, p in sorted(self._assigned)])
+            for tp in positions:
+                wm = consumer.get_watermark_offsets(TopicPartition(tp.topic, tp.partition), timeout=2.0)
+                if wm is None:
+                    continue
+                low, high = wm
+                pos = tp.offset if tp.offset >= 0 else low
+                self._metrics.lag(tp.topic, tp.partition, max(0, high - pos))
+        except KafkaException as exc:
+            log.info("lag update failed", service=self._service, error=str(exc))
+
+    # ---- shutdown -----------------------------------------------------------------------------
+
+    def _emit(self, event: AuditEvent) -> None:
+        if self._audit is not None:
+            self._audit.emit(event)
+
+    async def _close(self) -> None:
+        consumer, producer = self._consumer, self._producer
+        if producer is not None:
+            await asyncio.to_thread(producer.flush, 10.0)
+        if consumer is not None:
+            # close() serves the final revocation; the processor hears about it after.
+            await asyncio.to_thread(consumer.close)
+            if self._assigned:
+                parts = sorted(self._assigned)
+                self._assigned.clear()
+                await self._processor.on_revoke(parts)
+            self._events.clear()
+        self._listener.assigned(frozenset())
+        self._emit(lifecycle_event("stop", committed_cycles=self.committed_cycles))
+        log.info("loop stopped", service=self._service, committed_cycles=self.committed_cycles)
+
+
+@dataclass(slots=True)
+class _Produced:
+    """What one cycle produced, for metrics and audit after the commit."""
+
+    audit_in_txn: bool
+    outputs: list[OutRecord] = field(default_factory=list)
+    dead_letters: list[DeadLetter] = field(default_factory=list)
+    audit: list[AuditEvent] = field(default_factory=list)
+    deduplicated: int = 0
+
+
+class _Metrics:
+    """The loop's recording calls on `ServiceMetrics`."""
+
+    def __init__(self, metrics: ServiceMetrics) -> None:
+        self._m = metrics
+
+    def consumed(self, records: list[InRecord]) -> None:
+        counts: dict[str, int] = {}
+        for rec in records:
+            counts[rec.topic] = counts.get(rec.topic, 0) + 1
+        for topic, n in counts.items():
+            self._m.record_in(topic, n)
+
+    def committed(self, batch: _Batch, produced: _Produced, seconds: float, now_s: float) -> None:
+        m = self._m
+        m.record_transaction("committed")
+        if batch.records:
+            m.record_batch(len(batch.records), seconds)
+        per_topic: dict[str, int] = {}
+        now_ns = int(now_s * 1e9)
+        for out in produced.outputs:
+            per_topic[out.topic] = per_topic.get(out.topic, 0) + 1
+            event_ns = ingest_ns = None
+            for name, value in out.headers:
+                if name == INGEST_TIME_HEADER:
+                    ingest_ns = _int_or_none(value)
+                elif name == EVENT_TIME_HEADER:
+                    event_ns = _int_or_none(value)
+            if event_ns is not None or ingest_ns is not None:
+                m.record_latencies(event_ns, ingest_ns, now_ns)
+        for topic, n in per_topic.items():
+            m.record_out(topic, n)
+        for dl in produced.dead_letters:
+            m.record_dead_letter(str(dl.reason))
+        m.record_duplicates(produced.deduplicated)
+
+    def transaction(self, outcome: str) -> None:
+        self._m.record_transaction(outcome)
+
+    def rebalance(self, kind: str) -> None:
+        self._m.record_rebalance(kind)
+
+    def lag(self, topic: str, partition: int, lag: int) -> None:
+        self._m.set_lag(topic, partition, lag)
+
+    def forget_lag(self, parts: list[TP]) -> None:
+        for topic, partition in parts:
+            with contextlib.suppress(KeyError):
+                self._m.forget_partition(topic, partition)
+
+    def tick(self, now_s: float) -> None:
+        self._m.heartbeat(now_s)
+
+
+def _int_or_none(raw: bytes) -> int | None:
+    try:
+        return int(raw)
+    except ValueError:
+        return None

@@ -1,0 +1,220 @@
+"""Per-partition key/value state backed by a compacted Kafka changelog topic.
+
+A stateful processor (normalization's dedup window, aggregation's open windows) keeps its state in a
+`ChangelogStore`: one dictionary per *input partition*. Every `put`/`delete` is also recorded as a
+pending changelog record (key = store key, value = encoded state or a tombstone) on changelog
+partition p for input partition p. The processor returns `pending_changes()` from `before_commit`,
+so the changes ride in the same Kafka transaction as the outputs and the input offsets: state and
+offsets are committed together or not at all.
+
+Life cycle, driven by the processor's hooks:
+
+- `on_assign` -> `await store.restore(partitions)`: read each changelog partition from the beginning
+  to its end (read_committed, end = partition EOF) before any input of that partition is processed;
+- `before_commit` -> `store.pending_changes()`;
+- `on_abort` -> `await store.reload()`: forget uncommitted changes, re-read the owned partitions;
+- `on_revoke` -> `store.drop(partitions)`.
+
+Values are JSON (`codec="json"`, any orjson-serialisable value) or raw bytes (`codec="bytes"`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any, Literal
+
+import orjson
+import structlog
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
+
+from dataproc_shared.errors import DataProcError
+from dataproc_shared.records import OutRecord
+
+Codec = Literal["json", "bytes"]
+
+log = structlog.get_logger(__name__)
+
+
+class StateRestoreError(DataProcError):
+    """A changelog partition could not be read to its end."""
+
+
+class ChangelogStore:
+    """Key/value state per input partition, written through a compacted changelog topic."""
+
+    def __init__(
+        self,
+        *,
+        topic: str,
+        kafka_config: Mapping[str, Any],
+        codec: Codec = "json",
+        restore_timeout_s: float = 120.0,
+    ) -> None:
+        """`kafka_config` holds the librdkafka connection settings (bootstrap servers, security)."""
+        self._topic = topic
+        self._kafka_config = dict(kafka_config)
+        self._codec: Codec = codec
+        self._restore_timeout_s = restore_timeout_s
+        self._data: dict[int, dict[str, Any]] = {}
+        # Pending changes since the last `pending_changes()`: (partition, key) -> value or None.
+        self._pending: dict[tuple[int, str], Any | None] = {}
+
+    @property
+    def topic(self) -> str:
+        """The changelog topic."""
+        return self._topic
+
+    @property
+    def partitions(self) -> frozenset[int]:
+        """The partitions whose state is held (restored and not dropped)."""
+        return frozenset(self._data)
+
+    # --- reading and writing -------------------------------------------------------------------
+
+    def get(self, partition: int, key: str, default: Any = None) -> Any:
+        """Value of `key` in the state of input partition `partition`, else `default`."""
+        return self._data.get(partition, {}).get(key, default)
+
+    def put(self, partition: int, key: str, value: Any) -> None:
+        """Set `key` to `value` (recorded as a pending changelog record)."""
+        if self._codec == "bytes" and not isinstance(value, bytes | bytearray):
+            raise TypeError(f"store {self._topic} holds bytes, got {type(value).__name__}")
+        self._data.setdefault(partition, {})[key] = value
+        self._pending[(partition, key)] = value
+
+    def delete(self, partition: int, key: str) -> None:
+        """Remove `key` (recorded as a tombstone); no-op when absent."""
+        part = self._data.get(partition)
+        if part is not None and key in part:
+            del part[key]
+            self._pending[(partition, key)] = None
+
+    def items(self, partition: int) -> Iterator[tuple[str, Any]]:
+        """(key, value) pairs of one partition's state; safe to mutate the store while iterating."""
+        return iter(list(self._data.get(partition, {}).items()))
+
+    def __len__(self) -> int:
+        return sum(len(part) for part in self._data.values())
+
+    def pending_changes(self) -> list[OutRecord]:
+        """Changelog records for every change since the last call (last write per key wins).
+
+        Return them from `Processor.before_commit` so they join the current transaction.
+        """
+        records = [
+            OutRecord(
+                topic=self._topic,
+                key=key.encode(),
+                value=None if value is None else self._encode(value),
+                partition=partition,
+            )
+            for (partition, key), value in self._pending.items()
+        ]
+        self._pending.clear()
+        return records
+
+    # --- life cycle ----------------------------------------------------------------------------
+
+    async def restore(self, partitions: Iterable[int]) -> None:
+        """Load the state of `partitions` from the changelog (blocking reads run in a thread)."""
+        wanted = sorted(set(partitions))
+        if not wanted:
+            return
+        started = time.monotonic()
+        loaded = await asyncio.to_thread(self._read_changelog, wanted)
+        for partition in wanted:
+            self._data[partition] = loaded.get(partition, {})
+            for key in [k for k in self._pending if k[0] == partition]:
+                del self._pending[key]
+        log.info(
+            "state restored",
+            changelog=self._topic,
+            partitions=wanted,
+            keys=sum(len(v) for v in loaded.values()),
+            seconds=round(time.monotonic() - started, 3),
+        )
+
+    def drop(self, partitions: Iterable[int]) -> None:
+        """Forget the state of `partitions` (they were revoked)."""
+        for partition in set(partitions):
+            self._data.pop(partition, None)
+            for key in [k for k in self._pending if k[0] == partition]:
+                del self._pending[key]
+
+    async def reload(self) -> None:
+        """Forget uncommitted changes and re-read every held partition (after an aborted transaction)."""
+        self._pending.clear()
+        owned = sorted(self._data)
+        self._data.clear()
+        await self.restore(owned)
+
+    # --- internals -----------------------------------------------------------------------------
+
+    def _encode(self, value: Any) -> bytes:
+        if self._codec == "bytes":
+            return bytes(value)
+        return orjson.dumps(value)
+
+    def _decode(self, raw: bytes) -> Any:
+        if self._codec == "bytes":
+            return raw
+        return orjson.loads(raw)
+
+    def apply(self, target: dict[int, dict[str, Any]], partition: int, key: bytes,
+              value: bytes | None) -> None:
+        """Apply one changelog record to `target` (a tombstone deletes the key)."""
+        part = target.setdefault(partition, {})
+        name = key.decode()
+        if value is None:
+            part.pop(name, None)
+        else:
+            part[name] = self._decode(value)
+
+    def _read_changelog(self, partitions: list[int]) -> dict[int, dict[str, Any]]:
+        consumer = Consumer(
+            {
+                **self._kafka_config,
+                "group.id": f"dp-restore-{uuid.uuid4()}",
+                "enable.auto.commit": False,
+                "isolation.level": "read_committed",
+                "enable.partition.eof": True,
+                "auto.offset.reset": "earliest",
+            }
+        )
+        out: dict[int, dict[str, Any]] = {p: {} for p in partitions}
+        try:
+            to_read: list[TopicPartition] = []
+            for partition in partitions:
+                low, high = consumer.get_watermark_offsets(TopicPartition(self._topic, partition), timeout=10)
+                if high > low:
+                    to_read.append(TopicPartition(self._topic, partition, OFFSET_BEGINNING))
+            remaining = {tp.partition for tp in to_read}
+            if not remaining:
+                return out
+            consumer.assign(to_read)
+            deadline = time.monotonic() + self._restore_timeout_s
+            while remaining:
+                if time.monotonic() > deadline:
+                    raise StateRestoreError(
+                        f"changelog {self._topic} partitions {sorted(remaining)} not read to the end "
+                        f"within {self._restore_timeout_s}s"
+                    )
+                for msg in consumer.consume(1000, 0.5):
+                    err = msg.error()
+                    if err is not None:
+                        if err.code() == KafkaError._PARTITION_EOF:
+                            remaining.discard(msg.partition())
+                            continue
+                        raise StateRestoreError(f"reading changelog {self._topic}: {err}")
+                    key, part = msg.key(), msg.partition()
+                    if key is None or part is None:
+                        continue
+                    self.apply(out, part, key, msg.value())
+        except KafkaException as exc:
+            raise StateRestoreError(f"reading changelog {self._topic}: {exc}") from exc
+        finally:
+            consumer.close()
+        return out
