@@ -169,3 +169,15 @@ def test_sanitize_error() -> None:
     assert sanitize_error("x" * 1000) is not None
     assert len(sanitize_error("x" * 1000) or "") == 300
     assert sanitize_error("redis://:pw@h:6379\nboom") == "redis://:***@h:6379 boom"
+
+
+async def test_loop_listener_hooks(server: HealthServer) -> None:
+    await server.start()
+    assert (await get(server, "/ready"))[0] == 503
+    server.assigned(frozenset({("enriched.market.ticks.v1", 0), ("enriched.market.ticks.v1", 1)}))
+    code, body = await get(server, "/health")
+    assert code == 200
+    assert body["assigned_partitions"] == 2
+    assert (await get(server, "/ready"))[0] == 200
+    server.assigned(frozenset())
+    assert (await get(server, "/ready"))[0] == 200

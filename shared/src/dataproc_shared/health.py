@@ -7,14 +7,15 @@ Routes:
   "latency_ms", "last_error", "checked_at"}}}`. `unhealthy` (HTTP 503) when a critical dependency is
   down or the loop is stalled; `degraded` (HTTP 200) when a non-critical dependency is down or the
   service has not started yet. Errors are sanitised: no secrets, no credentials in URLs/DSNs.
-- `GET /ready`: 200 once the service declared itself started (`set_ready`, e.g. connected and
-  partitions assigned) and while every critical dependency is up; else 503.
+- `GET /ready`: 200 once the service declared itself started (`set_ready`, or the loop's
+  `assigned` hook) and while every critical dependency is up; else 503.
 - `GET /live`: 503 only when the loop's heartbeat (`heartbeat()`) is older than the stall timeout.
 - `GET /metrics`: the service's Prometheus registry.
 
 Dependencies either register an async check (`add_check`: run periodically with a timeout; raising
 means down) or push their state (`report`, e.g. the Kafka loop on a broker error). Both update
-`dp_dependency_up`. A service adds routes of its own through `add_routes` or `app`.
+`dp_dependency_up`. The server implements the Kafka loop's listener hooks (`assigned`, `heartbeat`).
+A service adds routes of its own through `add_routes` or `app`.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Collection, Iterable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -114,6 +115,7 @@ class HealthServer:
         self._started_at = clock()
         self._last_beat = self._started_at
         self._ready = False
+        self._assigned = 0
         self._deps: dict[str, DependencyStatus] = {}
         self._checks: dict[str, _Check] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
@@ -170,6 +172,14 @@ class HealthServer:
         """The service has started (connected, assigned) - or is going away (`False`)."""
         self._ready = ready
 
+    def assigned(self, partitions: Collection[tuple[str, int]]) -> None:
+        """Loop listener hook: the group assignment completed (state restored); the service is ready.
+
+        An empty assignment counts too: an instance without partitions still serves its routes.
+        """
+        self._assigned = len(partitions)
+        self._ready = True
+
     def heartbeat(self) -> None:
         """The processing loop is alive (call at least every `live_stall_timeout_s`)."""
         self._last_beat = self._clock()
@@ -212,6 +222,7 @@ class HealthServer:
             "ready": self.is_ready(),
             "live": self.is_live(),
             "uptime_s": round(self._clock() - self._started_at, 3),
+            "assigned_partitions": self._assigned,
             "dependencies": {name: dep.as_json() for name, dep in sorted(self._deps.items())},
         }
 
