@@ -5,11 +5,14 @@
 #   scripts/stack.sh up      install what is missing, start everything, wait until each part answers
 #   scripts/stack.sh down    stop everything the stack started (services, Kafka, Redis, PostgreSQL)
 #   scripts/stack.sh status  say what is up and where it listens
+#   scripts/stack.sh leftovers  list processes of this stack still running (exit 1 if any)
 #
 # Everything lives under .stack/ (ignored by git). `.stack/env` holds the connection settings as
 # `export DATA_PROC_...=...` lines; the generated passwords are created once and kept across runs.
 # Every command is idempotent. Settings: KAFKA_PORT (9092), KAFKA_CONTROLLER_PORT (9093),
-# POSTGRES_PORT (5432), REDIS_PORT (6379), KAFKA_LIBS (jar folder), KAFKA_HEAP (512m-1g).
+# POSTGRES_PORT (5432), PG_CLUSTER (main), REDIS_PORT (6379), KAFKA_LIBS (jar folder),
+# KAFKA_HEAP_MIN/KAFKA_HEAP_MAX (512m/1g). Other ports and a second PostgreSQL cluster let a second
+# stack (e.g. a CI run in another clone) run beside this one.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -23,7 +26,7 @@ KAFKA_HEAP_MIN="${KAFKA_HEAP_MIN:-512m}"
 KAFKA_HEAP_MAX="${KAFKA_HEAP_MAX:-1g}"
 KAFKA_DIR="$STACK/kafka"
 PG_VERSION="15"
-PG_CLUSTER="main"
+PG_CLUSTER="${PG_CLUSTER:-main}"
 POSTGRES_PORT="${POSTGRES_PORT:-5432}"
 PG_DB="reference_data"
 PG_USER="dataproc"
@@ -368,9 +371,23 @@ cmd_status() {
     return 0
 }
 
+# Processes of this stack still alive after `down` (matched by this stack's own paths); prints them.
+cmd_leftovers() {
+    local found=0
+    if pgrep -af -- "$STACK/" ; then found=1; fi
+    if pgrep -af -- "/var/lib/postgresql/$PG_VERSION/$PG_CLUSTER" ; then found=1; fi
+    if pg_running; then echo "postgres cluster $PG_VERSION/$PG_CLUSTER is online"; found=1; fi
+    local port
+    for port in "$KAFKA_PORT" "$KAFKA_CONTROLLER_PORT" "$POSTGRES_PORT" "$REDIS_PORT"; do
+        if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then echo "something listens on 127.0.0.1:$port"; found=1; fi
+    done
+    return $((found))
+}
+
 case "${1:-}" in
     up) cmd_up ;;
+    leftovers) cmd_leftovers ;;
     down) cmd_down ;;
     status) cmd_status ;;
-    *) echo "usage: $0 up|down|status" >&2; exit 2 ;;
+    *) echo "usage: $0 up|down|status|leftovers" >&2; exit 2 ;;
 esac
