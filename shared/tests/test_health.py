@@ -35,7 +35,7 @@ async def server() -> AsyncIterator[HealthServer]:
     metrics = ServiceMetrics("enrichment")
     srv = HealthServer(
         "enrichment", metrics, instance_id="pod-1", version="1.2.3", port=0,
-        live_stall_timeout_s=0.5, check_interval_s=0.05, check_timeout_s=0.2,
+        live_stall_timeout_s=30.0, check_interval_s=0.05, check_timeout_s=0.2,
     )
     yield srv
     await srv.stop()
@@ -132,6 +132,7 @@ async def test_pushed_status(server: HealthServer) -> None:
 
 
 async def test_live_flips_when_heartbeat_stalls(server: HealthServer) -> None:
+    server.live_stall_timeout_s = 0.3
     await server.start()
     server.heartbeat()
     assert (await get(server, "/live"))[0] == 200
