@@ -207,7 +207,7 @@ def _ref_bar(trades: list[Tick], interval: str, start: int, end: int) -> Bar:
                first.price, max(t.price for t in trades), min(t.price for t in trades), last.price, volume,
                pv / volume, len(trades), True, len(trades) + 1, first.ts_ns, last.ts_ns,
                max(t.ingest_ns for t in trades), first.partition, min(t.offset for t in trades),
-               max(t.offset for t in trades))
+               max(t.offset for t in trades), first.source_key)
 
 
 def reference(events: list[Tick | Idle], config: WindowConfig) -> tuple[list[Bar], int]:

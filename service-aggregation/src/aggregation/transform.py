@@ -143,6 +143,13 @@ class Tick:
     ingest_ns: int
     partition: int
     offset: int
+    venue_symbol: str = ""
+    trade_id: str | None = None
+
+    @property
+    def source_key(self) -> str:
+        """`VENUE:SYMBOL` with the venue's own symbol: the Kafka key of the instrument."""
+        return f"{self.venue}:{self.venue_symbol or self.symbol}"
 
     @property
     def sort_key(self) -> SortKey:
@@ -176,6 +183,7 @@ class Bar:
     source_partition: int
     offset_from: int
     offset_to: int
+    source_key: str = ""
 
     @property
     def key(self) -> tuple[str, str, int]:
@@ -219,6 +227,7 @@ class _Window:
         "open",
         "open_key",
         "pv",
+        "source_key",
         "start",
         "symbol",
         "venue",
@@ -231,6 +240,7 @@ class _Window:
         self.venue = t.venue
         self.symbol = t.symbol
         self.currency = t.currency
+        self.source_key = t.source_key
         self.interval = interval
         self.start = start
         self.end = end
@@ -287,6 +297,7 @@ class _Window:
             source_partition=partition,
             offset_from=self.off_from,
             offset_to=self.off_to,
+            source_key=self.source_key,
         )
 
     def to_json(self) -> bytes:
@@ -295,7 +306,7 @@ class _Window:
                 self.instrument_id, self.venue, self.symbol, self.currency, self.interval, self.start,
                 self.end, self.open, list(self.open_key), self.high, self.low, self.close,
                 list(self.close_key), self.volume, self.pv, self.count, self.max_ingest, self.off_from,
-                self.off_to,
+                self.off_to, self.source_key,
             ]
         )
 
@@ -306,6 +317,7 @@ class _Window:
         (
             w.instrument_id, w.venue, w.symbol, w.currency, w.interval, w.start, w.end, w.open, ok,
             w.high, w.low, w.close, ck, w.volume, w.pv, w.count, w.max_ingest, w.off_from, w.off_to,
+            w.source_key,
         ) = v
         w.open_key = (ok[0], ok[1], ok[2], ok[3])
         w.close_key = (ck[0], ck[1], ck[2], ck[3])

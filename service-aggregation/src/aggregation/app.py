@@ -1,0 +1,171 @@
+"""The aggregation `Processor`: windowing core + changelog state + ClickHouse sink, inside the Kafka loop.
+
+Per transaction (the loop's order): `process` applies each record to the windowing core (final bars
+and late trades are decided per record), then emits paced updates; `on_tick` closes idle
+partitions and emits paced updates; `before_commit` inserts the transaction's bars and late trades
+into ClickHouse and returns the state changes as changelog records, so outputs, state and input
+offsets commit together. `on_abort` reloads the state from the changelog and drops unflushed rows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+from dataproc_shared.errors import AvroError
+from dataproc_shared.records import BatchResult, DeadLetter, DeadLetterReason, InRecord, OutRecord
+from dataproc_shared.state import ChangelogStore
+
+from aggregation.codec import BadTickError, decode_tick, encode_bar, late_rows
+from aggregation.sink import BarSink
+from aggregation.transform import Bar, WindowConfig, WindowEngine
+
+log = structlog.get_logger(__name__)
+
+#: Output header with the bar's latest trade time (feeds `dp_event_latency_seconds`).
+EVENT_TIME_HEADER = "dp-event-ns"
+
+
+class AggregationProcessor:
+    """Enriched ticks -> bars on Kafka and in ClickHouse, with recoverable window state."""
+
+    def __init__(
+        self,
+        *,
+        config: WindowConfig,
+        input_topic: str,
+        bars_topic: str,
+        store: ChangelogStore,
+        sink: BarSink | None = None,
+        metrics: Any | None = None,
+        clock: Callable[[], int] = time.time_ns,
+    ) -> None:
+        """`metrics` is the service's `ServiceMetrics`; `clock` gives wall-clock epoch nanoseconds."""
+        self.engine = WindowEngine(config, clock)
+        self._config = config
+        self._input_topic = input_topic
+        self._bars_topic = bars_topic
+        self._store = store
+        self._sink = sink
+        self._metrics = metrics
+        self._lengths = {i.name: i.length_ns for i in config.intervals}
+
+    # ---- life cycle --------------------------------------------------------------------------------
+    async def on_assign(self, partitions: list[tuple[str, int]]) -> None:
+        """Restore the window state of the assigned input partitions from the changelog."""
+        mine = [p for t, p in partitions if t == self._input_topic]
+        await self._store.restore(mine)
+        for p in mine:
+            self._load(p)
+        log.info("windows restored", partitions=mine, open_windows=self.engine.open_windows())
+        self._gauge()
+
+    async def on_revoke(self, partitions: list[tuple[str, int]]) -> None:
+        """Forget the state of revoked partitions."""
+        mine = [p for t, p in partitions if t == self._input_topic]
+        self._store.drop(mine)
+        for p in mine:
+            self.engine.drop_partition(p)
+        self._gauge()
+
+    async def on_abort(self) -> None:
+        """Drop uncommitted changes: reload every owned partition from the changelog."""
+        if self._sink is not None:
+            self._sink.discard()
+        for p in self.engine.partitions:
+            self.engine.changes(p)
+        await self._store.reload()
+        for p in self.engine.partitions:
+            self.engine.drop_partition(p)
+        for p in sorted(self._store.partitions):
+            self._load(p)
+        log.warning("transaction aborted: window state reloaded", open_windows=self.engine.open_windows())
+        self._gauge()
+
+    def _load(self, partition: int) -> None:
+        entries = ((k.encode(), v) for k, v in self._store.items(partition))
+        self.engine.restore_partition(partition, entries)
+
+    # ---- records and timers ------------------------------------------------------------------------
+    async def process(self, batch: list[InRecord]) -> BatchResult:
+        """Apply each record in order; finals and late trades per record, then paced updates."""
+        result = BatchResult()
+        engine = self.engine
+        ranges: dict[int, tuple[int, int]] = {}
+        for rec in batch:
+            seen = ranges.get(rec.partition)
+            ranges[rec.partition] = (rec.offset if seen is None else seen[0], rec.offset)
+            if rec.value is None:
+                result.dead_letters.append(DeadLetter(rec, DeadLetterReason.UNDECODABLE, "empty value"))
+                continue
+            try:
+                tick = decode_tick(rec.value, rec.partition, rec.offset)
+            except (AvroError, BadTickError, KeyError, TypeError, ValueError) as exc:
+                result.dead_letters.append(DeadLetter(rec, DeadLetterReason.UNDECODABLE, str(exc)[:500]))
+                continue
+            applied = engine.apply(tick)
+            if applied.finals:
+                self._emit(applied.finals, result)
+            late = applied.late
+            if late is not None:
+                detail = (f"trade at ts_ns={tick.ts_ns} for closed window(s) {','.join(late.intervals)}; "
+                          f"partition watermark ts_ns={late.watermark_ns}")
+                result.dead_letters.append(DeadLetter(rec, DeadLetterReason.LATE_TRADE, detail))
+                if self._sink is not None:
+                    self._sink.add_late(late_rows(late, self._lengths))
+                if self._metrics is not None:
+                    for name in late.intervals:
+                        self._metrics.child(self._metrics.late_trades, interval=name).inc()
+        if self._sink is not None:
+            for p, (a, b) in ranges.items():
+                self._sink.note_input(p, a, b)
+        self._emit(engine.flush_updates(), result)
+        self._gauge()
+        return result
+
+    async def on_tick(self) -> BatchResult:
+        """Close idle partitions (wall clock) and emit due updates."""
+        result = BatchResult()
+        closed = self.engine.close_idle()
+        if closed:
+            log.info("idle partitions closed", bars=len(closed),
+                     partitions=sorted({b.source_partition for b in closed}))
+        self._emit(closed, result)
+        self._emit(self.engine.flush_updates(), result)
+        self._gauge()
+        return result
+
+    async def before_commit(self) -> BatchResult:
+        """Insert the transaction's rows into ClickHouse, then hand over the state changes."""
+        if self._sink is not None and self._sink.pending:
+            await asyncio.to_thread(self._sink.flush)
+        store = self._store
+        for p in self.engine.partitions:
+            for key, value in self.engine.changes(p):
+                name = key.decode()
+                if value is None:
+                    store.delete(p, name)
+                else:
+                    store.put(p, name, value)
+        return BatchResult(outputs=store.pending_changes())
+
+    def _emit(self, bars: list[Bar], result: BatchResult) -> None:
+        if not bars:
+            return
+        topic = self._bars_topic
+        for b in bars:
+            result.outputs.append(OutRecord(
+                topic=topic, key=b.source_key.encode(), value=encode_bar(b), partition=b.source_partition,
+                headers=((EVENT_TIME_HEADER, str(b.last_ts_ns).encode()),),
+            ))
+            if self._metrics is not None:
+                self._metrics.child(self._metrics.bars_emitted, interval=b.interval, final=b.is_final).inc()
+        if self._sink is not None:
+            self._sink.add_bars(bars)
+
+    def _gauge(self) -> None:
+        if self._metrics is not None:
+            self._metrics.child(self._metrics.open_windows).set(self.engine.open_windows())

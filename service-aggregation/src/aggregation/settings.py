@@ -1,0 +1,64 @@
+"""Settings of the aggregation service: the shared settings plus the `aggregation` section."""
+
+from __future__ import annotations
+
+from dataproc_shared.config import Settings
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from aggregation.transform import Interval, WindowConfig
+
+
+class AggregationOptions(BaseModel):
+    """Bars and the service's extra duties (`DATA_PROC_AGGREGATION__...`, YAML section `aggregation:`)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    #: Bar intervals, e.g. `1m,5m,1h` (units ms, s, m, h, d).
+    intervals: tuple[str, ...] = ("1m", "5m", "1h")
+    #: A window stays open until the partition's watermark passes `window_end + allowed_lateness_ms`.
+    allowed_lateness_ms: int = Field(default=5_000, ge=0, le=86_400_000)
+    #: A partition that receives nothing for this long (wall clock) closes all of its windows.
+    idle_timeout_ms: int = Field(default=30_000, ge=100, le=86_400_000)
+    #: Updates of open bars are emitted at most this often per partition (hence per bar).
+    update_interval_ms: int = Field(default=1_000, ge=0, le=3_600_000)
+    #: Write bars (and late trades) to ClickHouse.
+    clickhouse_enabled: bool = True
+    #: Apply the ClickHouse migrations at start (the owner of the embedded engine does).
+    migrate_clickhouse: bool = True
+    #: Load `audit.events.v1` into `audit_events` (the owner of the embedded engine does).
+    audit_loader_enabled: bool = True
+    #: Consumer group of the audit loader.
+    audit_loader_group: str = "dataproc-aggregation-audit-loader"
+    #: Serve the read API (bars, latest bar, summary, audit events) on the HTTP port.
+    read_api_enabled: bool = True
+    #: Largest number of rows one read API request returns.
+    read_api_max_rows: int = Field(default=10_000, ge=1, le=1_000_000)
+
+    @field_validator("intervals", mode="before")
+    @classmethod
+    def _split(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(p.strip() for p in value.strip("[]").split(",") if p.strip())
+        return value
+
+    @field_validator("intervals")
+    @classmethod
+    def _valid(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if not value:
+            raise ValueError("at least one interval is required")
+        for name in value:
+            Interval.parse(name)
+        if len(set(value)) != len(value):
+            raise ValueError(f"duplicate intervals: {list(value)}")
+        return value
+
+    def window_config(self) -> WindowConfig:
+        """The windowing core's configuration."""
+        return WindowConfig.from_names(self.intervals, self.allowed_lateness_ms, self.idle_timeout_ms,
+                                       self.update_interval_ms)
+
+
+class AggregationSettings(Settings):
+    """Settings of `python -m aggregation`."""
+
+    aggregation: AggregationOptions = AggregationOptions()

@@ -1,0 +1,79 @@
+"""The processor over encoded records, without servers (the changelog store is used in memory only)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from aggregation.app import AggregationProcessor
+from aggregation.settings import AggregationOptions
+from aggregation.transform import NS_PER_S
+from dataproc_shared import avro
+from dataproc_shared.records import DeadLetterReason, InRecord
+from dataproc_shared.state import ChangelogStore
+
+MIN = 60 * NS_PER_S
+
+
+def enriched(ts_ns: int, price: float | None, size: float | None = 1.0, kind: str = "TRADE") -> bytes:
+    doc: dict[str, Any] = {
+        "instrument_id": "CLZ6.XNYM", "venue": "XNYM", "venue_symbol": "CLZ6", "symbol": "CL",
+        "asset_class": "future", "currency": "USD", "tick_size": 0.01, "multiplier": 1000.0,
+        "venue_timezone": "America/New_York", "kind": kind, "ts_ns": ts_ns, "seq": None, "trade_id": None,
+        "price": price, "size": size, "bid": None, "ask": None, "bid_size": None, "ask_size": None,
+        "ingest_ns": ts_ns + 5, "source_partition": 2, "source_offset": 9,
+    }
+    return avro.encode("enriched_tick", doc)
+
+
+def rec(offset: int, value: bytes | None, partition: int = 2) -> InRecord:
+    return InRecord("in", partition, offset, b"XNYM:CLZ6", value, 0)
+
+
+class Clock:
+    now = 10**18
+
+    def __call__(self) -> int:
+        return self.now
+
+
+def make() -> tuple[AggregationProcessor, ChangelogStore]:
+    store = ChangelogStore(topic="cl", kafka_config={}, codec="bytes")
+    opts = AggregationOptions(intervals=("1m",), allowed_lateness_ms=0, update_interval_ms=0)
+    proc = AggregationProcessor(config=opts.window_config(), input_topic="in", bars_topic="bars",
+                                store=store, clock=Clock())
+    return proc, store
+
+
+async def test_bars_dead_letters_and_changelog() -> None:
+    proc, _ = make()
+    res = await proc.process([
+        rec(0, enriched(MIN, 10.0, 2.0)),
+        rec(1, enriched(MIN + 1, None, None, kind="QUOTE")),
+        rec(2, b"garbage"),
+        rec(3, enriched(MIN + 2, None, 1.0)),
+        rec(4, enriched(2 * MIN + 1, 11.0)),  # closes the first minute
+        rec(5, enriched(MIN + 3, 99.0)),  # late
+    ])
+    bars = [avro.decode(o.value or b"", "bar") for o in res.outputs]
+    assert all(o.topic == "bars" and o.key == b"XNYM:CLZ6" and o.partition == 2 for o in res.outputs)
+    finals = [b for b in bars if b["is_final"]]
+    assert len(finals) == 1
+    f = finals[0]
+    assert (f["open"], f["close"], f["volume"], f["trade_count"], f["version"]) == (10.0, 10.0, 2.0, 1, 2)
+    assert (f["window_start_ms"], f["window_end_ms"]) == (60_000, 120_000)
+    assert (f["source_partition"], f["offset_from"], f["offset_to"]) == (2, 0, 0)
+    assert f["symbol"] == "CL"
+    updates = [b for b in bars if not b["is_final"]]
+    assert [(u["window_start_ms"], u["version"]) for u in updates] == [(120_000, 1)]
+    reasons = [(d.source.offset, d.reason) for d in res.dead_letters]
+    assert reasons == [(2, DeadLetterReason.UNDECODABLE), (3, DeadLetterReason.UNDECODABLE),
+                       (5, DeadLetterReason.LATE_TRADE)]
+    changes = (await proc.before_commit()).outputs
+    keys = {c.key: c.value for c in changes}
+    assert keys[b"meta"] is not None
+    assert orjson.loads(keys[b"meta"] or b"")["wm"] == 2 * MIN + 1
+    open_key = f"w|CLZ6.XNYM|1m|{2 * MIN}".encode()
+    assert keys[open_key] is not None
+    assert all(c.topic == "cl" and c.partition == 2 for c in changes)
+    assert (await proc.before_commit()).outputs == []
