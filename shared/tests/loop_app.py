@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
 import sys
 
-from dataproc_shared.config import kafka_common_config, load_settings
-from dataproc_shared.kafka.loop import KafkaLoop, LoopFatalError
-from dataproc_shared.metrics import ServiceMetrics
+from dataproc_shared.config import Settings, kafka_common_config
 from dataproc_shared.records import BatchResult, DeadLetter, DeadLetterReason, InRecord, OutRecord
+from dataproc_shared.service import ServiceContext, run_service
 from dataproc_shared.state import ChangelogStore
 
 
@@ -60,23 +58,12 @@ class UpperProcessor:
         await self.store.reload()
 
 
-async def main() -> int:
-    settings = load_settings(service="loopapp")
-    store = ChangelogStore(topic=os.environ["APP_CHANGELOG"], kafka_config=kafka_common_config(settings))
-    processor = UpperProcessor(os.environ["APP_OUTPUT"], store, float(os.environ.get("APP_SLEEP_S", "0")))
-    loop = KafkaLoop(settings, processor, input_topics=[os.environ["APP_INPUT"]],
-                     metrics=ServiceMetrics(settings.service))
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
-    try:
-        await loop.run(stop)
-    except LoopFatalError as exc:
-        print(f"fatal: {exc}", file=sys.stderr)
-        return 1
-    print(f"committed_cycles={loop.committed_cycles}", flush=True)
-    return 0
+def make_processor(ctx: ServiceContext) -> UpperProcessor:
+    store = ChangelogStore(topic=os.environ["APP_CHANGELOG"], kafka_config=kafka_common_config(ctx.settings))
+    return UpperProcessor(os.environ["APP_OUTPUT"], store, float(os.environ.get("APP_SLEEP_S", "0")))
 
 
 if __name__ == "__main__":
-    sys.exit(asyncio.run(main()))
+    code = run_service(Settings, make_processor, service="loopapp", input_topics=[os.environ["APP_INPUT"]])
+    print(f"exit={code}", flush=True)
+    sys.exit(code)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import uuid
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -43,6 +44,7 @@ log = structlog.get_logger(__name__)
 AUDIT_TABLE = "market_data.audit_events"
 #: Columns written to `audit_events`, in order; also the keys of the Kafka JSON event.
 AUDIT_COLUMNS: tuple[str, ...] = (
+    "event_id",
     "event_time",
     "service",
     "event_type",
@@ -63,6 +65,7 @@ AUDIT_COLUMNS: tuple[str, ...] = (
 class AuditRow:
     """One audit event with the emitter's fields filled in, ready for any sink."""
 
+    event_id: str
     event_time: datetime
     service: str
     environment: str
@@ -72,6 +75,7 @@ class AuditRow:
         """The event as the Kafka topic's JSON object (keys = `AUDIT_COLUMNS`)."""
         e = self.event
         return {
+            "event_id": self.event_id,
             "event_time": format_timestamp(self.event_time),
             "service": self.service,
             "event_type": e.event_type,
@@ -88,11 +92,16 @@ class AuditRow:
         }
 
 
-def json_to_row(doc: Mapping[str, Any]) -> tuple[Any, ...]:
-    """A Kafka audit JSON object as an `audit_events` row (columns `AUDIT_COLUMNS`)."""
+def json_to_row(doc: Mapping[str, Any], default_event_id: str = "") -> tuple[Any, ...]:
+    """A Kafka audit JSON object as an `audit_events` row (columns `AUDIT_COLUMNS`).
+
+    `default_event_id` (the loader passes `<topic>:<partition>:<offset>`) is used when the event
+    carries no `event_id`.
+    """
     event_time = datetime.fromisoformat(str(doc["event_time"]).replace("Z", "+00:00"))
     details = doc.get("details", {})
     return (
+        str(doc.get("event_id") or default_event_id),
         event_time,
         str(doc.get("service", "")),
         str(doc.get("event_type", "")),
@@ -243,8 +252,8 @@ class AuditEmitter:
             self._metrics.child(self._metrics.audit_written, sink=sink).inc(count)
 
     def _row(self, event: AuditEvent) -> AuditRow:
-        return AuditRow(event_time=self._clock(), service=self.service, environment=self.environment,
-                        event=event)
+        return AuditRow(event_id=str(uuid.uuid4()), event_time=self._clock(), service=self.service,
+                        environment=self.environment, event=event)
 
     def _drop(self, count: int) -> None:
         self.dropped += count
@@ -302,7 +311,8 @@ class AuditLoader:
     Each insert holds the rows of one partition's offset range and carries the dedup token
     `<topic>:<partition>:<first>-<last>`; offsets are committed after the insert. A replay of the same
     range after a crash between insert and commit is dropped by the engine's insert deduplication
-    (the table sets `non_replicated_deduplication_window`).
+    (the table sets `non_replicated_deduplication_window`); a replay over a different range still
+    collapses under `FINAL`, because every event keeps its `event_id` (ReplacingMergeTree key).
     """
 
     def __init__(
@@ -348,7 +358,8 @@ class AuditLoader:
             rows: list[tuple[Any, ...]] = []
             for msg in part_msgs:
                 try:
-                    rows.append(json_to_row(orjson.loads(msg.value() or b"")))
+                    rows.append(json_to_row(orjson.loads(msg.value() or b""),
+                                            f"{self._topic}:{partition}:{msg.offset()}"))
                 except (orjson.JSONDecodeError, KeyError, ValueError, TypeError) as exc:
                     self.bad += 1
                     log.warning("undecodable audit event", topic=self._topic, partition=partition,

@@ -52,10 +52,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import structlog
 from confluent_kafka import (
@@ -139,14 +139,22 @@ def _error_of(exc: KafkaException) -> KafkaError | None:
     return arg if isinstance(arg, KafkaError) else None
 
 
-class LoopListener:
-    """Hooks for the health server; the defaults do nothing."""
+class LoopListener(Protocol):
+    """Hooks the loop calls (implemented by the health server)."""
 
-    def assigned(self, partitions: frozenset[TP]) -> None:
-        """The set of assigned partitions changed (ready once non-empty and restored)."""
+    def assigned(self, partitions: Collection[TP]) -> None:
+        """The assignment changed; the partitions listed are restored and being consumed."""
 
     def heartbeat(self) -> None:
-        """The loop completed a cycle (liveness)."""
+        """The loop is alive (called every cycle)."""
+
+
+class _NoListener:
+    def assigned(self, partitions: Collection[TP]) -> None:
+        pass
+
+    def heartbeat(self) -> None:
+        pass
 
 
 @dataclass(slots=True)
@@ -190,7 +198,7 @@ class KafkaLoop:
         self._topics = list(input_topics)
         self._metrics = _Metrics(metrics)
         self._audit = audit
-        self._listener = listener or LoopListener()
+        self._listener: LoopListener = listener or _NoListener()
         self._clock = clock
         self._service = settings.service
         self._deadletter_topic = settings.topics.deadletter
@@ -354,9 +362,9 @@ class KafkaLoop:
     async def _process(self, records: list[InRecord]) -> BatchResult:
         try:
             return await self._processor.process(records)
-        except Exception:
-            log.exception("process failed, redoing the batch record by record", service=self._service,
-                          records=len(records))
+        except Exception as exc:
+            log.warning("process failed, redoing the batch record by record", service=self._service,
+                        records=len(records), error=repr(exc))
         await self._processor.on_abort()
         result = BatchResult()
         for rec in records:

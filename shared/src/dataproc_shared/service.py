@@ -1,0 +1,258 @@
+"""`run_service`: the one entry point a service's `__main__` calls.
+
+    def main() -> int:
+        return run_service(AggregationSettings, make_processor, service="aggregation",
+                           input_topics=lambda s: [s.topics.enriched], clickhouse_owner=True)
+
+It configures logging, loads and validates the settings (a `ConfigError` prints its message and
+exits with status 2), creates the metrics registry, starts the health server (with a Kafka check,
+the service's own dependency checks and routes), the audit emitter (and, in the process that owns
+an embedded ClickHouse, the audit loader), builds the processor and runs the Kafka loop until
+SIGTERM/SIGINT. Every resource sits in one `AsyncExitStack`, closed in reverse order. Exit status:
+0 after a clean stop, 1 when the loop failed fatally or did not stop within
+`loop.shutdown_timeout_s`.
+
+Audit sinks: `audit_sinks` from the settings, except that with an embedded ClickHouse
+(`DATA_PROC_CLICKHOUSE_URL` is a path) only the owner may open the engine, so every other service
+sends its audit events to the Kafka topic instead, and the owner's `AuditLoader` loads that topic
+into `audit_events`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import os
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import structlog
+from aiohttp import web
+from confluent_kafka.admin import AdminClient
+
+from dataproc_shared.audit import (
+    AuditEmitter,
+    AuditLoader,
+    AuditSink,
+    ClickHouseAuditSink,
+    KafkaAuditSink,
+    lifecycle_event,
+)
+from dataproc_shared.clickhouse import ClickHouseClient, connect
+from dataproc_shared.config import (
+    Settings,
+    consumer_config,
+    kafka_common_config,
+    load_settings_or_exit,
+    producer_config,
+)
+from dataproc_shared.health import HealthServer
+from dataproc_shared.kafka.loop import KafkaLoop, LoopFatalError
+from dataproc_shared.logging import configure_logging
+from dataproc_shared.metrics import ServiceMetrics
+from dataproc_shared.processor import Processor
+
+log = structlog.get_logger(__name__)
+
+S = TypeVar("S", bound=Settings)
+CheckFn = Callable[[], Awaitable[object]]
+
+
+@dataclass(frozen=True, slots=True)
+class Dependency:
+    """A dependency the health server checks periodically; `check` raises when it is down."""
+
+    name: str
+    check: CheckFn
+    critical: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceContext:
+    """What a processor factory gets: the settings and the runtime's shared resources."""
+
+    settings: Settings
+    metrics: ServiceMetrics
+    health: HealthServer
+    audit: AuditEmitter
+    exit_stack: AsyncExitStack
+    #: Open when the service owns the embedded engine or a ClickHouse server is configured for a sink.
+    clickhouse: ClickHouseClient | None
+
+
+ProcessorFactory = Callable[[ServiceContext], Processor | Awaitable[Processor]]
+TopicsArg = Sequence[str] | Callable[[Any], Sequence[str]]
+
+
+def run_service(
+    settings: S | type[S],
+    processor: Processor | ProcessorFactory,
+    *,
+    input_topics: TopicsArg,
+    service: str | None = None,
+    dependencies: Iterable[Dependency] = (),
+    extra_routes: Iterable[web.AbstractRouteDef] = (),
+    clickhouse_owner: bool = False,
+) -> int:
+    """Run a service until SIGTERM/SIGINT; return the process exit status.
+
+    `settings` is a loaded `Settings` or a settings class to load (then `service` names the service).
+    `processor` is a `Processor` or a factory taking a `ServiceContext` (sync or async).
+    `input_topics` is a list of topics or a function of the settings returning it.
+    `clickhouse_owner`: this process owns the embedded ClickHouse (opens it, loads audit events).
+    """
+    loaded = settings if isinstance(settings, Settings) else load_settings_or_exit(settings, service=service)
+    configure_logging(loaded.service, env=loaded.env, level=loaded.log_level, instance_id=loaded.instance_id)
+    topics = list(input_topics(loaded) if callable(input_topics) else input_topics)
+    code, timed_out = asyncio.run(serve(loaded, processor, input_topics=topics, dependencies=dependencies,
+                                        extra_routes=extra_routes, clickhouse_owner=clickhouse_owner))
+    if timed_out:
+        # A worker thread is still inside a blocking client call; do not wait for it.
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+async def serve(
+    settings: Settings,
+    processor: Processor | ProcessorFactory,
+    *,
+    input_topics: Sequence[str],
+    dependencies: Iterable[Dependency] = (),
+    extra_routes: Iterable[web.AbstractRouteDef] = (),
+    clickhouse_owner: bool = False,
+    stop: asyncio.Event | None = None,
+) -> tuple[int, bool]:
+    """The asynchronous body of `run_service`: (exit status, whether shutdown timed out).
+
+    `stop` lets a caller (a test) stop the service; SIGTERM/SIGINT set it too.
+    """
+    stop = stop or asyncio.Event()
+    metrics = ServiceMetrics(settings.service)
+    async with AsyncExitStack() as stack:
+        health = HealthServer.from_settings(settings, metrics)
+        admin = AdminClient(kafka_common_config(settings))
+        health.add_check("kafka", lambda: asyncio.to_thread(admin.list_topics, timeout=2.0))
+        for dep in dependencies:
+            health.add_check(dep.name, dep.check, critical=dep.critical)
+        health.add_routes(extra_routes)
+
+        clickhouse = _open_clickhouse(settings, clickhouse_owner)
+        if clickhouse is not None:
+            stack.callback(clickhouse.close)
+            client = clickhouse
+            health.add_check("clickhouse", lambda: asyncio.to_thread(client.query, "SELECT 1"),
+                             critical=clickhouse_owner)
+
+        audit = AuditEmitter(
+            service=settings.service,
+            environment=settings.env,
+            sinks=_audit_sinks(settings, clickhouse, clickhouse_owner),
+            metrics=metrics,
+            queue_size=settings.audit_queue_size,
+            flush_interval_ms=settings.audit_flush_interval_ms,
+            enabled=settings.audit_enabled_for(),
+        )
+        await stack.enter_async_context(audit)
+        audit.emit(lifecycle_event("config_loaded", settings=settings.masked()))
+        if clickhouse is not None and clickhouse_owner and settings.clickhouse_embedded:
+            await _start_loader(stack, settings, clickhouse, stop)
+
+        context = ServiceContext(settings, metrics, health, audit, stack, clickhouse)
+        proc = await _build_processor(processor, context)
+        await stack.enter_async_context(health)
+
+        loop = KafkaLoop(settings, proc, input_topics=input_topics, metrics=metrics, audit=audit,
+                         listener=health)
+        running = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            running.add_signal_handler(sig, stop.set)
+            stack.callback(running.remove_signal_handler, sig)
+        log.info("service starting", topics=list(input_topics), guarantee=settings.loop.guarantee)
+        task = asyncio.create_task(loop.run(stop), name="kafka-loop")
+        waiter = asyncio.create_task(stop.wait(), name="stop-signal")
+        await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+        health.set_ready(False)
+        if not task.done():
+            log.info("stopping", timeout_s=settings.loop.shutdown_timeout_s)
+            try:
+                await asyncio.wait_for(asyncio.shield(task), settings.loop.shutdown_timeout_s)
+            except TimeoutError:
+                log.error("shutdown timed out", timeout_s=settings.loop.shutdown_timeout_s)
+                return 1, True
+            except Exception:  # noqa: S110 - reported from the task below
+                pass
+        waiter.cancel()
+        error = task.exception()
+        if error is not None:
+            if isinstance(error, LoopFatalError):
+                log.error("loop failed", error=str(error))
+            else:
+                log.error("loop crashed", exc_info=error)
+            return 1, False
+        log.info("service stopped", committed_cycles=loop.committed_cycles)
+    return 0, False
+
+
+def _open_clickhouse(settings: Settings, owner: bool) -> ClickHouseClient | None:
+    """The ClickHouse client this process may use: the embedded engine only in its owner."""
+    if settings.clickhouse_embedded:
+        return connect(settings.clickhouse_url) if owner else None
+    wants_audit = settings.audit_enabled_for() and "clickhouse" in settings.audit_sinks
+    if not (owner or wants_audit):
+        return None
+    password = settings.clickhouse_password.get_secret_value() if settings.clickhouse_password else None
+    return connect(settings.clickhouse_url, username=settings.clickhouse_user, password=password,
+                   database=settings.clickhouse_database)
+
+
+def audit_sink_names(settings: Settings, owner: bool) -> list[str]:
+    """The audit sinks this process uses: a non-owner of an embedded ClickHouse goes through Kafka."""
+    names: list[str] = list(dict.fromkeys(settings.audit_sinks))
+    if settings.clickhouse_embedded and not owner and "clickhouse" in names:
+        names = [n for n in names if n != "clickhouse"]
+        if "kafka" not in names:
+            names.append("kafka")
+    return names
+
+
+def _audit_sinks(settings: Settings, clickhouse: ClickHouseClient | None, owner: bool) -> list[AuditSink]:
+    sinks: list[AuditSink] = []
+    for name in audit_sink_names(settings, owner):
+        if name == "clickhouse" and clickhouse is not None:
+            sinks.append(ClickHouseAuditSink(clickhouse, f"{settings.clickhouse_database}.audit_events"))
+        elif name == "kafka":
+            sinks.append(KafkaAuditSink(producer_config(settings), settings.audit_kafka_topic,
+                                        settings.service))
+    return sinks
+
+
+async def _start_loader(stack: AsyncExitStack, settings: Settings, client: ClickHouseClient,
+                        stop: asyncio.Event) -> None:
+    conf = consumer_config(settings, group_id=f"dataproc-audit-loader-{settings.service}")
+    loader = AuditLoader(client=client, consumer_config=conf, topic=settings.audit_kafka_topic,
+                         table=f"{settings.clickhouse_database}.audit_events")
+    task = asyncio.create_task(loader.run(stop), name="audit-loader")
+
+    async def finish() -> None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await asyncio.to_thread(loader.close)
+
+    stack.push_async_callback(finish)
+
+
+async def _build_processor(processor: Processor | ProcessorFactory, context: ServiceContext) -> Processor:
+    if hasattr(processor, "process"):
+        return processor  # type: ignore[return-value]
+    factory: Any = processor
+    built = factory(context)
+    if inspect.isawaitable(built):
+        built = await built
+    return built  # type: ignore[no-any-return]
