@@ -12,10 +12,14 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -90,9 +94,22 @@ class PrivateRedis:
 
 
 @pytest.fixture
-def instrument_prefix() -> str:
-    """A unique instrument-id prefix: the test's keys cannot collide with anyone else's."""
-    return f"T{uuid.uuid4().hex[:12]}"
+def instrument_prefix() -> Iterator[str]:
+    """A unique instrument-id prefix: the test's keys cannot collide with anyone else's.
+
+    The test's `md:*` keys in the stack's Redis are deleted afterwards.
+    """
+    prefix = f"T{uuid.uuid4().hex[:12]}"
+    yield prefix
+    url = os.environ.get("DATA_PROC_REDIS_URL")
+    if url:
+        client = redis.Redis.from_url(url)
+        try:
+            keys = list(client.scan_iter(match=f"md:*:{prefix}*", count=1000))
+            if keys:
+                client.delete(*keys)
+        finally:
+            client.close()
 
 
 @pytest.fixture
@@ -100,6 +117,83 @@ async def stack_redis() -> AsyncIterator[Redis]:
     client = Redis.from_url(stack_redis_url())
     yield client
     await client.aclose()
+
+
+class ServiceProcess:
+    """`python -m projection` as a child process with its own environment, port and log file."""
+
+    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+        self.port = free_port()
+        self.env = {**os.environ, **env, "DATA_PROC_HTTP__PORT": str(self.port)}
+        self.log_path = log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, wait_ready: bool = True, timeout: float = 60.0) -> None:
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "projection"], env=self.env, stdout=log,
+                                     stderr=subprocess.STDOUT, cwd=ROOT)
+        log.close()
+        if wait_ready:
+            self.wait_for(lambda: self.get("/ready")[0] == 200, timeout, "ready")
+
+    def get(self, path: str) -> tuple[int, bytes]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=2) as resp:
+                return int(resp.status), bytes(resp.read())
+        except urllib.error.HTTPError as exc:
+            return int(exc.code), bytes(exc.read())
+        except (urllib.error.URLError, OSError):
+            return 0, b""
+
+    def metric(self, name: str, **labels: str) -> float:
+        _, body = self.get("/metrics")
+        total = 0.0
+        for line in body.decode().splitlines():
+            if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+                total += float(line.rsplit(" ", 1)[1])
+        return total
+
+    def wait_for(self, condition: Any, timeout: float, what: str) -> None:
+        deadline = time.monotonic() + timeout
+        while not condition():
+            if self.proc is not None and self.proc.poll() is not None:
+                raise AssertionError(f"service exited ({self.proc.returncode}) waiting for {what}:\n"
+                                     + self.log_path.read_text()[-4000:])
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timeout waiting for {what}:\n" + self.log_path.read_text()[-4000:])
+            time.sleep(0.2)
+
+    def kill9(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        return self.proc.returncode
+
+
+@pytest.fixture
+def service_factory(tmp_path: Path) -> Iterator[Any]:
+    """Start projection services for this test; every one still running is killed at the end."""
+    started: list[ServiceProcess] = []
+
+    def make(env: dict[str, str], name: str = "projection") -> ServiceProcess:
+        svc = ServiceProcess(env, tmp_path / f"{name}-{len(started)}.log")
+        started.append(svc)
+        return svc
+
+    yield make
+    for svc in started:
+        svc.kill9()
 
 
 @pytest.fixture

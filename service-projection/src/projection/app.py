@@ -141,6 +141,11 @@ class ProjectionProcessor:
             self._mark(False, _describe(exc))
         return self.health.up
 
+    async def require_redis(self) -> None:
+        """Health check of the Redis dependency: raises `RedisUnavailable` when Redis does not answer."""
+        if not await self.check_redis():
+            raise RedisUnavailable(self.health.detail)
+
     async def on_assign(self, partitions: list[tuple[str, int]]) -> None:
         """Stateless: nothing to restore."""
 
