@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 from dataproc_shared.config import Settings
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic_settings import NoDecode
 
 from aggregation.transform import Interval, WindowConfig
 
@@ -14,7 +17,7 @@ class AggregationOptions(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     #: Bar intervals, e.g. `1m,5m,1h` (units ms, s, m, h, d).
-    intervals: tuple[str, ...] = ("1m", "5m", "1h")
+    intervals: Annotated[tuple[str, ...], NoDecode] = ("1m", "5m", "1h")
     #: A window stays open until the partition's watermark passes `window_end + allowed_lateness_ms`.
     allowed_lateness_ms: int = Field(default=5_000, ge=0, le=86_400_000)
     #: A partition that receives nothing for this long (wall clock) closes all of its windows.
@@ -25,10 +28,6 @@ class AggregationOptions(BaseModel):
     clickhouse_enabled: bool = True
     #: Apply the ClickHouse migrations at start (the owner of the embedded engine does).
     migrate_clickhouse: bool = True
-    #: Load `audit.events.v1` into `audit_events` (the owner of the embedded engine does).
-    audit_loader_enabled: bool = True
-    #: Consumer group of the audit loader.
-    audit_loader_group: str = "dataproc-aggregation-audit-loader"
     #: Serve the read API (bars, latest bar, summary, audit events) on the HTTP port.
     read_api_enabled: bool = True
     #: Largest number of rows one read API request returns.

@@ -1,0 +1,5 @@
+"""`python -m aggregation`."""
+
+from aggregation.service import main
+
+raise SystemExit(main())

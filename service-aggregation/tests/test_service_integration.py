@@ -1,0 +1,325 @@
+"""`python -m aggregation` as a real process on the real broker and an embedded ClickHouse folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from confluent_kafka import Producer
+from dataproc_shared import avro
+from dataproc_shared.deadletter import decode_dead_letter
+from dataproc_shared.records import InRecord
+from dataproc_shared.testing import unique_name
+
+pytestmark = pytest.mark.integration
+
+NS = 1_000_000_000
+BASE = 1_763_900_000 * NS  # 2025-11-23, a minute boundary
+INTERVALS = {"1m": 60 * NS, "5m": 300 * NS}
+INSTRUMENTS = [("XNYM", "CLZ6", 0), ("XNYM", "NGZ6", 1), ("XCME", "ESZ6", 0)]
+
+
+@dataclass(frozen=True)
+class Sent:
+    instrument_id: str
+    venue: str
+    venue_symbol: str
+    ts_ns: int
+    price: float
+    size: float
+    partition: int
+    offset: int
+
+
+def tick_value(venue: str, vsym: str, ts_ns: int, price: float | None, size: float | None,
+               kind: str = "TRADE") -> bytes:
+    return avro.encode("enriched_tick", {
+        "instrument_id": f"{vsym}.{venue}", "venue": venue, "venue_symbol": vsym, "symbol": vsym[:2],
+        "asset_class": "future", "currency": "USD", "tick_size": 0.01, "multiplier": None,
+        "venue_timezone": "UTC", "kind": kind, "ts_ns": ts_ns, "seq": None, "trade_id": None,
+        "price": price, "size": size, "bid": None if kind == "TRADE" else 1.0,
+        "ask": None if kind == "TRADE" else 1.1, "bid_size": None, "ask_size": None,
+        "ingest_ns": ts_ns, "source_partition": 0, "source_offset": 0,
+    })
+
+
+class Feed:
+    """Produces enriched ticks partition by partition and remembers the trades (with their offsets)."""
+
+    def __init__(self, bootstrap: str, topic: str) -> None:
+        self.producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True, "linger.ms": 5})
+        self.topic = topic
+        self.next_offset = {0: 0, 1: 0}
+        self.trades: list[Sent] = []
+
+    def send(self, venue: str, vsym: str, partition: int, ts_ns: int, price: float | None = None,
+             size: float | None = None, kind: str = "TRADE") -> int:
+        self.producer.produce(self.topic, key=f"{venue}:{vsym}".encode(),
+                              value=tick_value(venue, vsym, ts_ns, price, size, kind), partition=partition)
+        offset = self.next_offset[partition]
+        self.next_offset[partition] += 1
+        if kind == "TRADE":
+            assert price is not None
+            assert size is not None
+            self.trades.append(Sent(f"{vsym}.{venue}", venue, vsym, ts_ns, price, size, partition, offset))
+        return offset
+
+    def flush(self) -> None:
+        assert self.producer.flush(30) == 0
+
+
+def expected_finals(trades: list[Sent]) -> dict[tuple[str, str, int], dict[str, Any]]:
+    """Naive bars from trades that all arrive on time (ascending event time per partition)."""
+    groups: dict[tuple[str, str, int], list[Sent]] = {}
+    for t in trades:
+        for name, length in INTERVALS.items():
+            groups.setdefault((t.instrument_id, name, t.ts_ns // length * length // 1_000_000), []).append(t)
+    out = {}
+    for key, ts in groups.items():
+        volume = 0.0
+        pv = 0.0
+        for t in ts:
+            volume += t.size
+            pv += t.price * t.size
+        first = min(ts, key=lambda t: (t.ts_ns, t.offset))
+        last = max(ts, key=lambda t: (t.ts_ns, t.offset))
+        out[key] = {"open": first.price, "high": max(t.price for t in ts), "low": min(t.price for t in ts),
+                    "close": last.price, "volume": volume, "vwap": pv / volume, "trade_count": len(ts),
+                    "version": len(ts) + 1, "source_partition": first.partition,
+                    "offset_from": min(t.offset for t in ts), "offset_to": max(t.offset for t in ts)}
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Service:
+    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+        self.env = env
+        self.log_path = log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen([sys.executable, "-m", "aggregation"], env=self.env, stdout=log,
+                                         stderr=subprocess.STDOUT)
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
+    def get(self, path: str) -> tuple[int, Any]:
+        url = f"http://127.0.0.1:{self.env['DATA_PROC_HTTP__PORT']}{path}"
+        try:
+            with urllib.request.urlopen(url, timeout=10) as resp:
+                body = resp.read()
+                status = resp.status
+        except urllib.error.HTTPError as exc:
+            body, status = exc.read(), exc.code
+        try:
+            return status, json.loads(body)
+        except ValueError:
+            return status, body.decode()
+
+
+@pytest.fixture
+def setup(topic_factory: Callable[..., str], kafka_bootstrap: str, tmp_path: Path
+          ) -> Iterator[tuple[Service, Feed, dict[str, str]]]:
+    enriched = topic_factory("agg-in", partitions=2)
+    topics = {
+        "enriched": enriched,
+        "bars": topic_factory("agg-bars", partitions=2),
+        "deadletter": topic_factory("agg-dl", partitions=1),
+        "changelog": topic_factory("agg-cl", partitions=2, config={"cleanup.policy": "compact"}),
+        "audit": topic_factory("agg-audit", partitions=1),
+    }
+    env = {
+        **os.environ,
+        "DATA_PROC_ENV": "local",
+        "DATA_PROC_KAFKA_BOOTSTRAP": kafka_bootstrap,
+        "DATA_PROC_CLICKHOUSE_URL": str(tmp_path / "chdb"),
+        "DATA_PROC_HTTP__PORT": str(free_port()),
+        "DATA_PROC_INSTANCE_ID": unique_name("agg"),
+        "DATA_PROC_KAFKA__GROUP_ID": unique_name("agg-group"),
+        "DATA_PROC_TOPICS__ENRICHED": topics["enriched"],
+        "DATA_PROC_TOPICS__BARS": topics["bars"],
+        "DATA_PROC_TOPICS__DEADLETTER": topics["deadletter"],
+        "DATA_PROC_TOPICS__AGGREGATION_WINDOWS_CHANGELOG": topics["changelog"],
+        "DATA_PROC_AUDIT_KAFKA_TOPIC": topics["audit"],
+        "DATA_PROC_AGGREGATION__INTERVALS": "1m,5m",
+        "DATA_PROC_AGGREGATION__ALLOWED_LATENESS_MS": "2000",
+        "DATA_PROC_AGGREGATION__IDLE_TIMEOUT_MS": "3600000",
+        "DATA_PROC_AGGREGATION__UPDATE_INTERVAL_MS": "200",
+        "DATA_PROC_LOOP__TICK_INTERVAL_MS": "200",
+        "DATA_PROC_LOG_LEVEL": "WARNING",
+    }
+    service = Service(env, tmp_path / "aggregation.log")
+    feed = Feed(kafka_bootstrap, enriched)
+    try:
+        yield service, feed, topics
+    finally:
+        service.stop()
+
+
+def send_trades(feed: Feed, n: int, start_ns: int) -> int:
+    """`n` trades spread over the instruments with rising event time; returns the last event time."""
+    ts = start_ns
+    for i in range(n):
+        venue, vsym, p = INSTRUMENTS[i % len(INSTRUMENTS)]
+        ts += 997_000_000 + (i % 7) * 1_000_000  # just under a second apart
+        feed.send(venue, vsym, p, ts, price=100.0 + (i * 37 % 101) / 4, size=float(1 + i % 5))
+        if i % 10 == 3:
+            feed.send(venue, vsym, p, ts, kind="QUOTE")
+    return ts
+
+
+def close_everything(feed: Feed, after_ns: int) -> None:
+    """A quote per partition far after the data: the watermark passes every window."""
+    for venue, vsym, p in INSTRUMENTS[:2]:
+        feed.send(venue, vsym, p, after_ns + 3600 * NS, kind="QUOTE")
+
+
+def bars_on_topic(consume_all: Callable[..., list[InRecord]], topic: str) -> list[dict[str, Any]]:
+    return [avro.decode(r.value or b"", "bar") | {"_key": r.key, "_partition": r.partition}
+            for r in consume_all([topic], read_committed=True, timeout=60)]
+
+
+def wait_for_finals(consume_all: Callable[..., list[InRecord]], topic: str, n: int,
+                    service: Service, timeout: float = 120) -> list[dict[str, Any]]:
+    deadline = time.monotonic() + timeout
+    while True:
+        bars = bars_on_topic(consume_all, topic)
+        finals = [b for b in bars if b["is_final"]]
+        if len(finals) >= n:
+            return bars
+        assert service.proc is not None
+        assert service.proc.poll() is None, service.log_path.read_text()[-3000:]
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{len(finals)} of {n} final bars after {timeout}s")
+        time.sleep(1)
+
+
+def check_finals(bars: list[dict[str, Any]], expected: dict[tuple[str, str, int], dict[str, Any]]) -> None:
+    finals = [b for b in bars if b["is_final"]]
+    keys = [(b["instrument_id"], b["interval"], b["window_start_ms"]) for b in finals]
+    assert len(keys) == len(set(keys)), "a final bar appeared twice on the topic"
+    assert set(keys) == set(expected)
+    for b in finals:
+        exp = expected[(b["instrument_id"], b["interval"], b["window_start_ms"])]
+        assert {k: b[k] for k in exp} == exp
+        assert b["_partition"] == b["source_partition"]
+        assert b["_key"] == f"{b['venue']}:{b['instrument_id'].split('.')[0]}".encode()
+    for b in bars:
+        if not b["is_final"]:
+            exp = expected[(b["instrument_id"], b["interval"], b["window_start_ms"])]
+            assert b["version"] == b["trade_count"] < exp["version"]
+
+
+def test_known_ticks_make_exact_bars_on_the_topic_and_in_clickhouse(
+    setup: tuple[Service, Feed, dict[str, str]], consume_all: Callable[..., list[InRecord]],
+) -> None:
+    service, feed, topics = setup
+    last = send_trades(feed, 240, BASE)
+    feed.flush()
+    service.start()
+    # a trade for a window long closed on partition 0
+    late_offset = feed.send("XNYM", "CLZ6", 0, BASE + 2 * NS, price=1.0, size=1.0)
+    feed.trades.pop()
+    close_everything(feed, last)
+    feed.flush()
+    expected = expected_finals(feed.trades)
+    bars = wait_for_finals(consume_all, topics["bars"], len(expected), service)
+    check_finals(bars, expected)
+
+    dead = [decode_dead_letter(r.value or b"") for r in consume_all([topics["deadletter"]], timeout=30)]
+    assert [(d["reason"], d["source_offset"]) for d in dead] == [("late_trade", late_offset)]
+
+    # the read API serves the same final bars from ClickHouse FINAL
+    instrument = "CLZ6.XNYM"
+    status, body = service.get(f"/api/v1/bars?instrument={instrument}&interval=1m")
+    assert status == 200
+    want = sorted((k[2], v) for k, v in expected.items() if k[0] == instrument and k[1] == "1m")
+    assert [b["window_start_ms"] for b in body["bars"]] == [w for w, _ in want]
+    for got, (_, exp) in zip(body["bars"], want, strict=True):
+        assert {k: got[k] for k in exp} == exp
+        assert got["is_final"] is True
+    status, csv_text = service.get(f"/api/v1/bars?instrument={instrument}&interval=5m&format=csv")
+    assert status == 200
+    assert csv_text.count("\n") == 1 + sum(1 for k in expected if k[0] == instrument and k[1] == "5m")
+    status, latest = service.get(f"/api/v1/bars/latest?instrument={instrument}&interval=5m&final=true")
+    assert status == 200
+    assert latest["window_start_ms"] == max(k[2] for k in expected if k[0] == instrument and k[1] == "5m")
+    status, summary = service.get("/api/v1/summary")
+    assert status == 200
+    assert summary["instruments"] == 3
+    by_interval = {r["interval"]: r for r in summary["intervals"]}
+    assert by_interval["1m"]["final_bars"] == sum(1 for k in expected if k[1] == "1m")
+    for bad in ("/api/v1/bars?interval=1m", "/api/v1/bars?instrument=X&interval=7q",
+                "/api/v1/bars?instrument=X&interval=1m&from=yesterday",
+                "/api/v1/bars?instrument=X&interval=1m&limit=0",
+                "/api/v1/bars?instrument=X&interval=1m&final=maybe"):
+        status, err = service.get(bad)
+        assert status == 400, bad
+        assert err["error"]
+    # the audit loader brought the late trade's dead-letter event into ClickHouse
+    deadline = time.monotonic() + 60
+    while True:
+        status, audit = service.get("/api/v1/audit?event_type=dead_letter&reason=late_trade")
+        if status == 200 and audit["events"]:
+            break
+        assert time.monotonic() < deadline, (status, audit)
+        time.sleep(1)
+    assert audit["events"][0]["offset_from"] == late_offset
+
+
+@pytest.mark.slow
+def test_kill_9_at_several_points_gives_identical_final_bars(
+    setup: tuple[Service, Feed, dict[str, str]], consume_all: Callable[..., list[InRecord]],
+) -> None:
+    service, feed, topics = setup
+    last = send_trades(feed, 1500, BASE)
+    close_everything(feed, last)
+    feed.flush()
+    expected = expected_finals(feed.trades)
+    kills = 0
+    for wait_s in (6.0, 4.0, 3.0):
+        service.start()
+        time.sleep(wait_s)
+        service.kill9()
+        kills += 1
+    service.start()
+    bars = wait_for_finals(consume_all, topics["bars"], len(expected), service)
+    check_finals(bars, expected)
+    assert kills == 3
+    status, body = service.get("/api/v1/summary")
+    assert status == 200
+    by_interval = {r["interval"]: r for r in body["intervals"]}
+    assert by_interval["1m"]["final_bars"] == sum(1 for k in expected if k[1] == "1m")
+    assert by_interval["5m"]["final_bars"] == sum(1 for k in expected if k[1] == "5m")
+    status, body = service.get("/api/v1/bars?instrument=NGZ6.XNYM&interval=1m&limit=10000")
+    want = {k[2]: v for k, v in expected.items() if k[0] == "NGZ6.XNYM" and k[1] == "1m"}
+    assert {b["window_start_ms"]: {k: b[k] for k in want[b["window_start_ms"]]} for b in body["bars"]} == want
