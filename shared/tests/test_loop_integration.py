@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 from confluent_kafka import Producer
-
 from dataproc_shared.deadletter import decode_dead_letter
 from dataproc_shared.records import InRecord
 
@@ -122,8 +121,10 @@ def pairs(records: list[InRecord]) -> Counter[tuple[bytes, bytes]]:
     return Counter((r.key or b"", r.value or b"") for r in records)
 
 
-def test_exactly_once_survives_kill_9(topic_factory: Callable[..., str], app_factory: Callable[..., App],
-                                       kafka_bootstrap: str, consume_all: Callable[..., list[InRecord]]) -> None:
+def test_exactly_once_survives_kill_9(
+    topic_factory: Callable[..., str], app_factory: Callable[..., App], kafka_bootstrap: str,
+    consume_all: Callable[..., list[InRecord]],
+) -> None:
     env = topics(topic_factory)
     values = [b"v%d" % i for i in range(400)]
     values[57] = b"POISON"
@@ -150,7 +151,8 @@ def test_exactly_once_survives_kill_9(topic_factory: Callable[..., str], app_fac
     assert sorted(d["payload"] for d in dead) == [b"CRASH", b"POISON"]
     assert {d["reason"] for d in dead} == {"bad_field", "processing_error"}
     # The kills really landed mid-stream: some but not all outputs were committed before the last one.
-    assert 0 < min(seen_progress) and max(seen_progress[:-1]) < sum(expected.values()), seen_progress
+    assert min(seen_progress) > 0, seen_progress
+    assert max(seen_progress[:-1]) < sum(expected.values()), seen_progress
 
 
 def test_sigterm_mid_batch_commits_and_restart_adds_nothing(
