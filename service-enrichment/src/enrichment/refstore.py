@@ -163,6 +163,10 @@ class ReferenceStore:
         """Wait until the cache is current again; False when `within_s` passed first."""
         return await _wait(self._current, within_s)
 
+    def set_listener(self, on_changes: ChangeListener | None) -> None:
+        """Set the function told about every change applied to the cache."""
+        self._on_changes = on_changes
+
     def request_reload(self) -> None:
         """Ask for a full reload at the next opportunity."""
         self._reload.set()
