@@ -116,6 +116,12 @@ seccompProfile:
 {{- range $name, $n := $counts -}}
 {{- if ne $n $p -}}{{- fail (printf "every chain topic needs the same partition count: %s has %v, ingestion.market.raw.v1 has %v" $name $n $p) -}}{{- end -}}
 {{- end -}}
+{{- if and (has .Values.global.environment (list "staging" "prod")) (not .Values.secrets.existingSecret) -}}
+{{- $i := .Values.infrastructure -}}
+{{- if not (and $i.postgresql.password $i.redis.password $i.clickhouse.password) -}}
+{{- fail (printf "%s needs passwords: set secrets.existingSecret or the infrastructure passwords" .Values.global.environment) -}}
+{{- end -}}
+{{- end -}}
 {{- $side := list -}}
 {{- $rf := list -}}
 {{- range .Values.infrastructure.kafka.topics -}}

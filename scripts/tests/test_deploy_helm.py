@@ -276,3 +276,10 @@ def test_jobs_are_ordered_pre_install_hooks(values: str) -> None:
     for d in render(values):
         if d["kind"] in ("ConfigMap", "Secret"):
             assert int(d["metadata"]["annotations"]["helm.sh/hook-weight"]) < min(weight.values())
+
+
+def test_chart_refuses_a_strict_environment_without_passwords() -> None:
+    proc = run_helm("template", "dp", str(CHART), "--kube-version", KUBE_VERSION,
+                    "--set", "global.environment=prod")
+    assert proc.returncode != 0
+    assert "prod needs passwords" in proc.stderr
