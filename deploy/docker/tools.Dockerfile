@@ -22,9 +22,12 @@ COPY service-projection/pyproject.toml service-projection/
 COPY scripts/pyproject.toml scripts/
 RUN --mount=type=cache,target=/root/.cache/uv \
     uv sync --frozen --no-dev --package dataproc-tools --no-install-workspace
-# dataproc-tools depends on the shared library and on normalization (benchmarks).
+# dataproc-tools depends on the shared library and on services (benchmarks): every member's code.
 COPY shared/src shared/src
 COPY service-normalization/src service-normalization/src
+COPY service-enrichment/src service-enrichment/src
+COPY service-aggregation/src service-aggregation/src
+COPY service-projection/src service-projection/src
 COPY scripts/src scripts/src
 RUN --mount=type=cache,target=/root/.cache/uv \
     uv sync --frozen --no-dev --package dataproc-tools --no-editable
