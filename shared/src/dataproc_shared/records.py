@@ -42,13 +42,19 @@ class InRecord:
 
 @dataclass(frozen=True, slots=True)
 class OutRecord:
-    """One message to produce. `partition=None` lets the loop pick the partition from the key."""
+    """One message to produce. `partition=None` lets the loop pick the partition from the key.
+
+    `source` (optional) is the input record this output derives from: the loop copies its
+    correlation and ingest-time headers when `headers` lacks them. Without it the loop matches
+    outputs to inputs of the same key in the batch.
+    """
 
     topic: str
     key: bytes | None
     value: bytes | None
     partition: int | None = None
     headers: Headers = ()
+    source: InRecord | None = field(default=None, compare=False, repr=False)
 
 
 class DeadLetterReason(StrEnum):

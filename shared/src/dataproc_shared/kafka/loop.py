@@ -42,9 +42,10 @@ partitions are paused and the producer drained to `loop.resume_records` before c
 the consumer's own prefetch is bounded by `queued.max.messages.kbytes`. A slow `before_commit`
 (sink) holds the cycle, so nothing more is consumed meanwhile: memory stays bounded by one batch.
 
-Headers: `dp-correlation-id` and `dp-ingest-ns` are copied from an input record to the outputs of
-the same key in the batch when the processor did not set them (a record without a correlation id
-gets `<topic>-<partition>-<offset>`, without an ingest time its Kafka timestamp).
+Headers: `dp-correlation-id` and `dp-ingest-ns` are copied from an output's source record
+(`OutRecord.source`, else the input of the same key in the batch) when the processor did not set
+them; a source without a correlation id gives `<topic>-<partition>-<offset>` (stable across
+replays), without an ingest time its Kafka timestamp.
 """
 
 from __future__ import annotations
@@ -420,11 +421,7 @@ class KafkaLoop:
 
     def _collect(self, batch: _Batch, result: BatchResult, produced: _Produced,
                  failed_at: datetime) -> list[OutRecord]:
-        by_key: dict[bytes | None, InRecord] = {}
-        for rec in batch.records:
-            by_key[rec.key] = rec
-        single = batch.records[0] if len(batch.records) == 1 else None
-        out = [self._with_headers(o, by_key.get(o.key, single)) for o in result.outputs]
+        out = self._propagate_headers(batch.records, result.outputs)
         for dl in result.dead_letters:
             out.append(dead_letter_record(dl, service=self._service, failed_at=failed_at,
                                           topic=self._deadletter_topic))
@@ -462,6 +459,28 @@ class KafkaLoop:
             return self._audit.kafka_records(produced.audit)
         return []
 
+    def _propagate_headers(self, inputs: list[InRecord], outputs: list[OutRecord]) -> list[OutRecord]:
+        """Outputs with the tracing headers of their source record.
+
+        The source is `OutRecord.source`, else the input of the same key (the n-th output of a key
+        takes the n-th input of that key).
+        """
+        by_key: dict[bytes | None, list[InRecord]] = {}
+        for rec in inputs:
+            by_key.setdefault(rec.key, []).append(rec)
+        used: dict[bytes | None, int] = {}
+        result = []
+        for out in outputs:
+            source = out.source
+            if source is None:
+                candidates = by_key.get(out.key)
+                if candidates:
+                    n = used.get(out.key, 0)
+                    used[out.key] = n + 1
+                    source = candidates[min(n, len(candidates) - 1)]
+            result.append(self._with_headers(out, source))
+        return result
+
     def _with_headers(self, out: OutRecord, source: InRecord | None) -> OutRecord:
         if source is None:
             return out
@@ -479,7 +498,7 @@ class KafkaLoop:
         if not extra:
             return out
         return OutRecord(topic=out.topic, key=out.key, value=out.value, partition=out.partition,
-                         headers=out.headers + tuple(extra))
+                         headers=out.headers + tuple(extra), source=source)
 
     def _delivered(self, err: KafkaError | None, _msg: Message) -> None:
         if err is not None:

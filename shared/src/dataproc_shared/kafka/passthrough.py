@@ -26,7 +26,7 @@ class PassthroughProcessor:
         return BatchResult(
             outputs=[
                 OutRecord(topic=self.output_topic, key=r.key, value=r.value, partition=r.partition,
-                          headers=r.headers)
+                          headers=r.headers, source=r)
                 for r in batch
             ]
         )

@@ -1,0 +1,90 @@
+"""`serve` in-process over the real broker: readiness, metrics, ticks, header propagation, clean stop."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Callable
+
+import aiohttp
+import pytest
+from confluent_kafka import Producer
+
+from dataproc_shared.config import load_settings
+from dataproc_shared.kafka.passthrough import PassthroughProcessor
+from dataproc_shared.records import CORRELATION_HEADER, INGEST_TIME_HEADER, BatchResult, InRecord, OutRecord
+from dataproc_shared.service import ServiceContext, serve
+
+pytestmark = pytest.mark.integration
+
+
+class TickingPassthrough(PassthroughProcessor):
+    """Pass-through that also emits one `tick` record on its first idle tick."""
+
+    def __init__(self, output_topic: str) -> None:
+        super().__init__(output_topic)
+        self.ticks = 0
+        self.assigned: list[tuple[str, int]] = []
+
+    async def on_assign(self, partitions: list[tuple[str, int]]) -> None:
+        self.assigned.extend(partitions)
+
+    async def on_tick(self) -> BatchResult:
+        self.ticks += 1
+        if self.ticks == 1:
+            return BatchResult(outputs=[OutRecord(self.output_topic, b"tick", b"tick", partition=0)])
+        return BatchResult()
+
+
+async def test_serve_runs_the_loop_with_health_metrics_and_ticks(
+    topic_factory: Callable[..., str], kafka_bootstrap: str, consume_all: Callable[..., list[InRecord]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    source, sink = topic_factory("svc-in", 2), topic_factory("svc-out", 2)
+    producer = Producer({"bootstrap.servers": kafka_bootstrap})
+    for i in range(30):
+        producer.produce(source, b"v%d" % i, b"XNYM:K%d" % (i % 5),
+                         headers=[(CORRELATION_HEADER, b"cid-%d" % i)] if i % 2 else None)
+    assert producer.flush(30) == 0
+    monkeypatch.setenv("DATA_PROC_AUDIT_ENABLED", "false")
+    settings = load_settings(service="svcint", instance_id=uuid.uuid4().hex[:8], kafka_bootstrap=kafka_bootstrap,
+                             http={"host": "127.0.0.1", "port": 0},
+                             kafka={"group_id": f"svc-{uuid.uuid4().hex}"},
+                             loop={"tick_interval_ms": 200, "batch_size": 7})
+    processor = TickingPassthrough(sink)
+    contexts: list[ServiceContext] = []
+
+    def factory(ctx: ServiceContext) -> TickingPassthrough:
+        contexts.append(ctx)
+        return processor
+
+    stop = asyncio.Event()
+    task = asyncio.create_task(serve(settings, factory, input_topics=[source], stop=stop))
+    outputs = await asyncio.to_thread(consume_all, [sink], expected=31, timeout=60)
+    health = contexts[0].health
+    async with aiohttp.ClientSession(f"http://127.0.0.1:{health.port}") as http:
+        async with http.get("/ready") as resp:
+            assert resp.status == 200
+        async with http.get("/live") as resp:
+            assert resp.status == 200
+        async with http.get("/metrics") as resp:
+            text = await resp.text()
+    assert f'dp_messages_in_total{{service="svcint",topic="{source}"}} 30.0' in text
+    assert f'dp_messages_out_total{{service="svcint",topic="{sink}"}}' in text
+    assert 'dp_transactions_total{outcome="committed",service="svcint"}' in text
+    assert 'dp_rebalances_total{kind="assign",service="svcint"}' in text
+    assert sorted(processor.assigned) == [(source, 0), (source, 1)]
+
+    stop.set()
+    assert await asyncio.wait_for(task, 30) == (0, False)
+    assert processor.ticks >= 1
+    by_value = {r.value: r for r in outputs}
+    assert by_value[b"tick"].key == b"tick"
+    for i in range(30):
+        rec = by_value[b"v%d" % i]
+        headers = dict(rec.headers)
+        if i % 2:
+            assert headers[CORRELATION_HEADER] == b"cid-%d" % i
+        else:
+            assert headers[CORRELATION_HEADER].startswith(source.encode() + b"-")
+        assert int(headers[INGEST_TIME_HEADER]) > 1_600_000_000 * 10**9
