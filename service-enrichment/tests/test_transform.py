@@ -23,6 +23,7 @@ from enrichment.transform import (
     RowChange,
     Venue,
     audit_for_change,
+    enriched_value,
     parse_notification,
 )
 from hypothesis import given, settings
@@ -86,8 +87,12 @@ def _cache(*instruments: Instrument) -> ReferenceCache:
     return cache
 
 
+def _encode_out(_raw: bytes, tick: Mapping[str, Any], instrument: Instrument, venue: Venue) -> bytes:
+    return _encode(enriched_value(tick, instrument, venue))
+
+
 def _enricher(cache: ReferenceCache) -> Enricher:
-    return Enricher(cache, output_topic="enriched", decode=_decode, encode=_encode)
+    return Enricher(cache, output_topic="enriched", decode=_decode, encode=_encode_out)
 
 
 def test_known_tick_is_enriched_on_the_input_partition_with_key_and_headers() -> None:
@@ -111,7 +116,11 @@ def test_known_tick_is_enriched_on_the_input_partition_with_key_and_headers() ->
 
 def test_event_time_header_is_added_when_asked() -> None:
     enricher = Enricher(
-        _cache(IBM), output_topic="enriched", decode=_decode, encode=_encode, event_time_header="dp-event-ns"
+        _cache(IBM),
+        output_topic="enriched",
+        decode=_decode,
+        encode=_encode_out,
+        event_time_header="dp-event-ns",
     )
     result = enricher.enrich([_record(_encode(_tick("XNYS", "IBM")))], cache_current=True)
     assert isinstance(result, BatchResult)

@@ -12,24 +12,21 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Protocol
 
 import structlog
-from dataproc_shared import avro
 from dataproc_shared.errors import ConfigError
 from dataproc_shared.kafka.loop import EVENT_TIME_HEADER
 from dataproc_shared.metrics import ServiceMetrics
 from dataproc_shared.records import AuditEvent, BatchResult, InRecord
 from dataproc_shared.service import ServiceContext
 
+from enrichment.codec import TickCodec
 from enrichment.refstore import ReferenceStore
 from enrichment.settings import EnrichmentSettings
 from enrichment.transform import AppliedChange, Enricher, Hold, ReferenceCache, RefTable
 
 log = structlog.get_logger(__name__)
-
-INPUT_SCHEMA = "normalized_tick"
-OUTPUT_SCHEMA = "enriched_tick"
 
 
 class ReferenceSource(Protocol):
@@ -98,16 +95,6 @@ class ServiceReferenceMetrics:
         self._m.child(self._held).observe(seconds)
 
 
-def decode_tick(raw: bytes) -> dict[str, Any]:
-    """Decode a `normalized_tick` message (any known writer version)."""
-    return avro.decode(raw, INPUT_SCHEMA)
-
-
-def encode_enriched(record: Any) -> bytes:
-    """Encode an `enriched_tick` record."""
-    return avro.encode(OUTPUT_SCHEMA, record)
-
-
 class EnrichmentProcessor:
     """The enrichment `Processor`: reference store + enricher + held batches + change audit."""
 
@@ -126,11 +113,12 @@ class EnrichmentProcessor:
         self._metrics = metrics or NoMetrics()
         self._heartbeat = heartbeat
         self._monotonic = monotonic
+        self._codec = TickCodec()
         self._enricher = Enricher(
             store.cache,
             output_topic=settings.topics.enriched,
-            decode=decode_tick,
-            encode=encode_enriched,
+            decode=self._codec.decode,
+            encode=self._codec.encode,
             event_time_header=EVENT_TIME_HEADER,
         )
         self._pending_audit: list[AuditEvent] = []

@@ -24,7 +24,8 @@ from dataproc_shared.records import (
 )
 
 AvroDecoder = Callable[[bytes], Mapping[str, Any]]
-AvroEncoder = Callable[[Mapping[str, Any]], bytes]
+#: Encodes the output message of one tick: (input bytes, decoded tick, instrument, venue) -> bytes.
+AvroEncoder = Callable[[bytes, Mapping[str, Any], "Instrument", "Venue"], bytes]
 
 #: Tick fields copied unchanged from `normalized_tick.v1` to `enriched_tick.v1`.
 TICK_FIELDS: tuple[str, ...] = (
@@ -382,7 +383,7 @@ class Enricher:
                     OutRecord(
                         topic=self._output_topic,
                         key=record.key,
-                        value=self._encode(enriched_value(tick, found.instrument, found.venue)),
+                        value=self._encode(record.value, tick, found.instrument, found.venue),
                         partition=record.partition,
                         headers=headers,
                     )
