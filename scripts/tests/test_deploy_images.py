@@ -174,7 +174,13 @@ MODULES = {"dataproc-shared": "dataproc_shared", "dataproc-tools": "dptools"} | 
 
 @pytest.mark.parametrize("name", [*SERVICES, "tools"])
 def test_build_stage_replayed_installs_an_importable_package(name: str, tmp_path: Path) -> None:
-    venv = replay_build_stage(name, tmp_path)
+    try:
+        check_replayed_build(name, replay_build_stage(name, tmp_path))
+    finally:
+        shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def check_replayed_build(name: str, venv: Path) -> None:
     installed = {p.name.split("-")[0].replace("_", "-")
                  for p in venv.glob("lib/python*/site-packages/*.dist-info")}
     workspace = installed & set(MODULES)
