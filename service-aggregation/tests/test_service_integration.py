@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -296,25 +297,60 @@ def test_known_ticks_make_exact_bars_on_the_topic_and_in_clickhouse(
     assert audit["events"][0]["offset_from"] == late_offset
 
 
+def count_finals(consume_all: Callable[..., list[InRecord]], topic: str) -> int:
+    return sum(1 for b in bars_on_topic(consume_all, topic) if b["is_final"])
+
+
+def wait_until(cond: Callable[[], bool], timeout: float, what: str | Callable[[], str]) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, what() if callable(what) else what
+        time.sleep(0.2)
+
+
 @pytest.mark.slow
 def test_kill_9_at_several_points_gives_identical_final_bars(
     setup: tuple[Service, Feed, dict[str, str]], consume_all: Callable[..., list[InRecord]],
 ) -> None:
     service, feed, topics = setup
-    last = send_trades(feed, 1500, BASE)
-    close_everything(feed, last)
+    # The input keeps arriving while the service is killed: a producer thread feeds 3,000 trades over
+    # about 25 seconds.
+    done = threading.Event()
+    last_ts: list[int] = []
+
+    def produce() -> None:
+        ts = BASE
+        for _ in range(100):
+            ts = send_trades(feed, 30, ts)
+            feed.flush()
+            time.sleep(0.25)
+        last_ts.append(ts)
+        done.set()
+
+    producer = threading.Thread(target=produce, daemon=True)
+    producer.start()
+    service.start()
+    kills = []
+    seen = 0
+    for pause in (0.2, 0.7, 0.4):
+        before = seen
+        wait_until(lambda before=before: count_finals(consume_all, topics["bars"]) > before, 90,  # type: ignore[misc]
+                   lambda: f"no progress after {kills}: " + service.log_path.read_text()[-4000:])
+        time.sleep(pause)
+        service.kill9()
+        seen = count_finals(consume_all, topics["bars"])
+        kills.append(seen)
+        service.start()
+    producer.join(60)
+    assert done.is_set()
+    close_everything(feed, last_ts[0])
     feed.flush()
     expected = expected_finals(feed.trades)
-    kills = 0
-    for wait_s in (6.0, 4.0, 3.0):
-        service.start()
-        time.sleep(wait_s)
-        service.kill9()
-        kills += 1
-    service.start()
+    # killed mid-stream: each kill saw some but not all of the final bars
+    assert all(0 < k < len(expected) for k in kills), kills
     bars = wait_for_finals(consume_all, topics["bars"], len(expected), service)
     check_finals(bars, expected)
-    assert kills == 3
+    wait_until(lambda: service.get("/health")[0] in (200, 503), 60, "http server")
     status, body = service.get("/api/v1/summary")
     assert status == 200
     by_interval = {r["interval"]: r for r in body["intervals"]}
