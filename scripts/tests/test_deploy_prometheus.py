@@ -3,7 +3,6 @@ the services' metrics exposition and answering the overview dashboard's queries.
 
 from __future__ import annotations
 
-import json
 import subprocess
 import threading
 import time
@@ -15,7 +14,14 @@ import pytest
 import yaml
 from dataproc_shared.config import SERVICE_PORTS
 from dataproc_shared.metrics import CONTENT_TYPE, ServiceMetrics
-from dptools.deploytools import PrometheusServer, ToolMissingError, find_tool
+from dptools.deploytools import (
+    ALERT_RULES,
+    PrometheusServer,
+    ToolMissingError,
+    find_tool,
+    overview_queries,
+    write_local_config,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 PROM = ROOT / "deploy" / "prometheus"
@@ -112,14 +118,8 @@ def exporters() -> Iterator[dict[str, tuple[ServiceMetrics, int]]]:
 def test_real_prometheus_scrapes_services_and_answers_overview_queries(
     tmp_path: Path, exporters: dict[str, tuple[ServiceMetrics, int]]
 ) -> None:
-    config = yaml.safe_load((PROM / "prometheus-local.yml").read_text())
     ports = {service: port for service, (_, port) in exporters.items()}
-    for static in config["scrape_configs"][0]["static_configs"]:
-        static["targets"] = [f"127.0.0.1:{ports[static['labels']['service']]}"]
-    config["global"]["scrape_interval"] = "1s"
-    config["global"]["scrape_timeout"] = "1s"
-    config_path = tmp_path / "prometheus-local.yml"
-    config_path.write_text(yaml.safe_dump(config))
+    config_path = write_local_config(tmp_path, ports)
 
     chain = ["ingestion.market.raw.v1", "normalized.market.ticks.v1", "enriched.market.ticks.v1"]
     stop = threading.Event()
@@ -142,25 +142,24 @@ def test_real_prometheus_scrapes_services_and_answers_overview_queries(
 
     feeder = threading.Thread(target=feed, daemon=True)
     feeder.start()
-    prom = PrometheusServer(config_path, rule_files=(PROM / "alerts.yml",))
+    prom = PrometheusServer(config_path, rule_files=(ALERT_RULES,))
     prom.start()
     try:
         targets = prom.wait_for_targets(up=4, timeout_s=30)
         assert {t["labels"]["service"] for t in targets} == set(SERVICE_PORTS)
         assert {t["labels"]["job"] for t in targets} == {"data-processing"}
         time.sleep(4)  # a few more scrapes for rate()
-        overview = json.loads((ROOT / "deploy/grafana/dashboards/data-processing-overview.json").read_text())
-        main = {p["title"]: p["targets"][0]["expr"] for p in overview["panels"]}
+        main = overview_queries(window="30s")
         answered: dict[str, set[str]] = {}
         for title in ("Throughput per stage (records out/s)", "Input per stage (records in/s)",
                       "End-to-end latency since ingest", "Consumer lag", "Dead letters by reason (/s)",
                       "Dependency health", "Stages up"):
-            samples = prom.query(main[title].replace("[5m]", "[30s]").replace("[1m]", "[30s]"))
+            samples = prom.query(main[title])
             answered[title] = {s.labels.get("service", "") for s in samples}
             assert answered[title] == set(SERVICE_PORTS), (title, samples)
         throughput = prom.query('sum by (service) (rate(dp_messages_out_total[30s]))')
         assert all(s.value > 0 for s in throughput)
-        latency = prom.query(main["End-to-end latency since ingest"].replace("[5m]", "[30s]"))
+        latency = prom.query(main["End-to-end latency since ingest"])
         assert all(0.01 <= s.value <= 0.1 for s in latency), latency  # 50 ms observations
         rules = prom._get("/api/v1/rules")
         assert sum(len(g["rules"]) for g in rules["groups"]) == 10

@@ -6,15 +6,18 @@ raises `ToolMissingError` (with the install command) when the tool is nowhere.
 `PrometheusServer` starts Debian's `prometheus` on a free loopback port with a given config in a
 temporary folder, waits until it is ready, answers instant queries, and stops it::
 
-    with PrometheusServer(Path("deploy/prometheus/prometheus-local.yml")) as prom:
+    config = write_local_config(tmp_dir, ports={"normalization": 8080, ...})
+    with PrometheusServer(config, rule_files=(ALERT_RULES,)) as prom:
         prom.wait_for_targets(up=4, timeout_s=60)
-        prom.query('sum by (service) (rate(dp_messages_out_total[1m]))')
+        for title, expr in overview_queries(window="30s").items():
+            assert prom.query(expr), title
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -27,6 +30,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, BinaryIO
 
+import yaml
+
 #: Where `scripts/install-tools.sh` puts tools that Debian does not package (helm).
 _CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
 TOOLS_BIN = Path(os.environ.get("DATAPROC_TOOLS_BIN") or _CACHE / "dataproc-tools" / "bin")
@@ -36,6 +41,13 @@ HELM_VERSION = "v3.17.3"
 KUBE_VERSION = "1.30.0"
 
 INSTALL_HINT = "run `bash scripts/install-tools.sh` (CI does this in .ci/run)"
+
+
+#: The repository's deployment files.
+DEPLOY_DIR = Path(__file__).resolve().parents[3] / "deploy"
+LOCAL_CONFIG = DEPLOY_DIR / "prometheus" / "prometheus-local.yml"
+ALERT_RULES = DEPLOY_DIR / "prometheus" / "alerts.yml"
+OVERVIEW_DASHBOARD = DEPLOY_DIR / "grafana" / "dashboards" / "data-processing-overview.json"
 
 
 class ToolMissingError(RuntimeError):
@@ -56,6 +68,30 @@ def free_port() -> int:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
         return port
+
+
+def write_local_config(dest: Path, ports: dict[str, int] | None = None, scrape_interval: str = "1s") -> Path:
+    """`prometheus-local.yml` with the services' ports replaced (`service -> port`), written into `dest`."""
+    config = yaml.safe_load(LOCAL_CONFIG.read_text())
+    for static in config["scrape_configs"][0]["static_configs"]:
+        service = static["labels"]["service"]
+        if ports and service in ports:
+            static["targets"] = [f"127.0.0.1:{ports[service]}"]
+    config["global"]["scrape_interval"] = scrape_interval
+    config["global"]["scrape_timeout"] = scrape_interval
+    path = dest / "prometheus-local.yml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def overview_queries(window: str | None = None) -> dict[str, str]:
+    """Panel title -> first PromQL expression of the overview dashboard (range windows set to `window`)."""
+    board = json.loads(OVERVIEW_DASHBOARD.read_text())
+    out: dict[str, str] = {}
+    for panel in board["panels"]:
+        expr: str = panel["targets"][0]["expr"]
+        out[panel["title"]] = re.sub(r"\[\d+[smh]\]", f"[{window}]", expr) if window else expr
+    return out
 
 
 @dataclass(frozen=True, slots=True)
