@@ -13,8 +13,10 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import structlog
+from confluent_kafka.admin import AdminClient
 from dataproc_shared import avro
-from dataproc_shared.config import kafka_common_config
+from dataproc_shared.config import admin_config, kafka_common_config
+from dataproc_shared.errors import ConfigError
 from dataproc_shared.partitioning import partition_for
 from dataproc_shared.records import BatchResult, InRecord
 from dataproc_shared.state import ChangelogStore
@@ -27,6 +29,26 @@ log = structlog.get_logger(__name__)
 
 SCHEMA = "normalized_tick"
 NS_PER_S = 1_000_000_000
+
+
+def output_partitions(settings: NormalizationSettings) -> int:
+    """Partition count the output partition is computed for."""
+    return settings.normalization.output_partitions or settings.topics.partitions
+
+
+def check_output_partitions(settings: NormalizationSettings, timeout_s: float = 30.0) -> None:
+    """Fail unless the output topic exists with the partition count the service computes with."""
+    admin = AdminClient(admin_config(settings))
+    topic = settings.topics.normalized
+    metadata = admin.list_topics(topic, timeout=timeout_s).topics.get(topic)
+    if metadata is None or metadata.error is not None or not metadata.partitions:
+        raise ConfigError(f"output topic {topic} does not exist; create the topics first (dptools.topics)")
+    actual, wanted = len(metadata.partitions), output_partitions(settings)
+    if actual != wanted:
+        raise ConfigError(
+            f"output topic {topic} has {actual} partitions, the service computes partitions for {wanted} "
+            "(DATA_PROC_TOPICS__PARTITIONS / DATA_PROC_NORMALIZATION__OUTPUT_PARTITIONS)"
+        )
 
 
 class DedupMetrics:
@@ -71,7 +93,7 @@ class NormalizationProcessor:
         self.normalizer = Normalizer(
             NormalizerConfig(
                 output_topic=settings.topics.normalized,
-                output_partitions=opts.output_partitions or settings.topics.partitions,
+                output_partitions=output_partitions(settings),
                 max_future_skew_ns=round(opts.max_future_skew_s * NS_PER_S),
                 dedup_window_ns=round(opts.dedup_window_s * NS_PER_S),
                 dedup_max_entries=opts.dedup_max_entries,
