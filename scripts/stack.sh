@@ -100,8 +100,13 @@ ensure_packages() {
     command -v pg_isready >/dev/null || missing+=(postgresql-client)
     if ((${#missing[@]})); then
         apt_install "${missing[@]}"
+        # Debian's package may have started its own Redis (no password) where this stack's goes.
+        if [[ " ${missing[*]} " == *" redis-server "* ]] \
+            && redis-cli -h 127.0.0.1 -p "$REDIS_PORT" ping 2>/dev/null | grep -q PONG; then
+            say "redis: stopping the instance the Debian package started"
+            redis-cli -h 127.0.0.1 -p "$REDIS_PORT" shutdown nosave >/dev/null 2>&1 || true
+        fi
     fi
-    # Debian's packages start their own daemons when a service manager exists; this stack runs its own.
 }
 
 ensure_uv() {
@@ -204,6 +209,12 @@ kafka_up() {
     if pid_alive "$RUN/kafka.pid"; then
         say "kafka: already running (pid $(cat "$RUN/kafka.pid"))"
     else
+        local port
+        for port in "$KAFKA_PORT" "$KAFKA_CONTROLLER_PORT"; do
+            if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+                die "kafka: 127.0.0.1:$port is taken by a process this stack did not start"
+            fi
+        done
         kafka_config
         local cp="$KAFKA_LIBS/*"
         if [[ ! -f "$KAFKA_DIR/data/meta.properties" ]]; then
@@ -305,6 +316,9 @@ daemonize yes
 save 300 100
 appendonly no
 EOF
+        if (exec 3<>"/dev/tcp/127.0.0.1/$REDIS_PORT") 2>/dev/null; then
+            die "redis: 127.0.0.1:$REDIS_PORT is taken by a process this stack did not start"
+        fi
         say "redis: starting on 127.0.0.1:$REDIS_PORT"
         redis-server "$REDIS_DIR/redis.conf"
     fi
