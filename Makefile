@@ -5,10 +5,11 @@ STACK := scripts/stack.sh
 # Connection settings of the local stack, when it has been brought up.
 WITH_ENV := if [ -f .stack/env ]; then source .stack/env; fi;
 
-.PHONY: help up down status test lint migrate topics demo
+.PHONY: help up down status test lint migrate topics demo demo-stop
 
 help:
-	@echo "make demo    stack up, migrations, topics (the main job)"
+	@echo "make demo    the main job: stack, services, a feed of ticks, the resulting bars"
+	@echo "make demo-stop   stop the demo's services and the stack"
 	@echo "make test    the whole test suite (needs the stack: make up)"
 	@echo "make up | down | status   the local stack (Kafka, PostgreSQL, Redis, chDB)"
 	@echo "make migrate | topics     apply migrations / create topics on the running stack"
@@ -37,5 +38,11 @@ migrate:
 topics:
 	@$(WITH_ENV) uv run --frozen python -m dptools.topics create
 
-demo: up migrate topics
-	@$(WITH_ENV) uv run --frozen python -m dptools.topics list
+# The main job: stack, migrations, topics, reference data, the four services, a feed, the result.
+demo: up
+	@$(WITH_ENV) uv run --frozen python -m dptools.demo
+
+# Stop the services started by the demo, then the stack.
+demo-stop:
+	@$(WITH_ENV) uv run --frozen python -m dptools.pipeline stop
+	@bash $(STACK) down

@@ -37,8 +37,9 @@ def load_instruments_from_postgres(dsn: str) -> list[Instrument]:
         conn = await asyncpg.connect(dsn)
         try:
             rows = await conn.fetch(
-                "SELECT venue, venue_symbol, asset_class, coalesce(tick_size, 0.01)::float8 AS tick "
-                "FROM instruments WHERE active ORDER BY instrument_id"
+                "SELECT i.venue, i.venue_symbol, i.asset_class, coalesce(i.tick_size, 0.01)::float8 AS tick "
+                "FROM instruments i JOIN venues v ON v.mic = i.venue "
+                "WHERE i.active AND v.active ORDER BY i.instrument_id"
             )
         finally:
             await conn.close()
