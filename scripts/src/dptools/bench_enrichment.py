@@ -4,15 +4,16 @@
 
 Creates a fresh PostgreSQL database with the reference migrations and the seed set, pre-produces a
 backlog of normalized ticks (Avro, keyed `VENUE:SYMBOL`, partitioned like normalization does) over
-the seed's active instruments plus a small share of unknown ones, then drains it twice with the real
-Kafka loop under the configured guarantee (exactly-once by default), each time with a fresh consumer
-group:
+the seed's active instruments plus a small share of unknown ones, then drains it with the real
+Kafka loop under the configured guarantee (exactly-once by default), once with each processor:
 
 1. `relay`: `dataproc_shared.kafka.passthrough.PassthroughProcessor` (same bytes, same partition);
-2. `enrichment`: the service's processor (Avro decode, cache join, Avro encode, dead letters).
+2. `enrichment`: the service's processor (Avro decode, cache join, spliced Avro output, dead letters).
 
-Reports records/s of each (first record consumed -> last record consumed) and their ratio. Topics
-and the database are uuid-named and removed at the end. Needs the local stack (`.stack/env`).
+The pair runs `--rounds` times alternately (each run with a fresh consumer group) so that load from
+other processes on a shared machine hits both alike. Reports records/s of each (first record consumed
+-> last record consumed, mean over rounds) and their ratio. Topics and the database are uuid-named
+and removed at the end. Needs the local stack (`.stack/env`).
 """
 
 from __future__ import annotations
@@ -144,7 +145,7 @@ def _with_database(dsn: str, database: str) -> str:
     return urlunsplit((parts.scheme, parts.netloc, "/" + database, parts.query, parts.fragment))
 
 
-async def bench(count: int, partitions: int) -> dict[str, Any]:
+async def bench(count: int, partitions: int, rounds: int = 2) -> dict[str, Any]:
     """Create topics and a database, produce the backlog, drain it with relay and service."""
     run = uuid.uuid4().hex[:8]
     topics = {
@@ -184,43 +185,50 @@ async def bench(count: int, partitions: int) -> dict[str, Any]:
         }
         produce_s = produce(base.kafka_bootstrap, topics["normalized"], partitions, count)
 
-        def settings_for(service: str) -> EnrichmentSettings:
+        def settings_for(service: str, round_no: int) -> EnrichmentSettings:
             topics_model = base.topics.model_copy(update=overrides)
-            kafka = base.kafka.model_copy(update={"group_id": f"bench-{service}-{run}"})
+            kafka = base.kafka.model_copy(update={"group_id": f"bench-{service}-{run}-{round_no}"})
             return base.model_copy(
                 update={
                     "service": service,
                     "topics": topics_model,
                     "kafka": kafka,
-                    "instance_id": f"bench-{run}",
+                    "instance_id": f"bench-{run}-{round_no}",
                     "audit_enabled": False,
                 }
             )
 
-        relay_s = await drain(
-            settings_for("relay"),
-            PassthroughProcessor(topics["relay"]),
-            ServiceMetrics("relay"),
-            count,
-            topics["normalized"],
-        )
-        settings = settings_for("enrichment")
-        metrics = ServiceMetrics("enrichment")
-        ref_metrics = ServiceReferenceMetrics(metrics)
-        store = ReferenceStore(dsn, ReferenceCache(), options=settings.enrichment.store_options())
-        processor = EnrichmentProcessor(settings, store, metrics=ref_metrics)
-        store.set_listener(processor.on_changes)
-        async with store:
-            if not await store.wait_loaded(30):
-                raise RuntimeError("reference data did not load")
-            enrich_s = await drain(settings, processor, metrics, count, topics["normalized"])
-        dead = {
-            s.labels["reason"]: s.value
-            for m in metrics.registry.collect()
-            if m.name == "dp_dead_letters"
-            for s in m.samples
-            if s.name.endswith("_total")
-        }
+        relay_runs: list[float] = []
+        enrich_runs: list[float] = []
+        dead: dict[str, float] = {}
+        for round_no in range(rounds):
+            relay_runs.append(
+                await drain(
+                    settings_for("relay", round_no),
+                    PassthroughProcessor(topics["relay"]),
+                    ServiceMetrics("relay"),
+                    count,
+                    topics["normalized"],
+                )
+            )
+            settings = settings_for("enrichment", round_no)
+            metrics = ServiceMetrics("enrichment")
+            store = ReferenceStore(dsn, ReferenceCache(), options=settings.enrichment.store_options())
+            processor = EnrichmentProcessor(settings, store, metrics=ServiceReferenceMetrics(metrics))
+            store.set_listener(processor.on_changes)
+            async with store:
+                if not await store.wait_loaded(30):
+                    raise RuntimeError("reference data did not load")
+                enrich_runs.append(await drain(settings, processor, metrics, count, topics["normalized"]))
+            dead = {
+                s.labels["reason"]: s.value
+                for m in metrics.registry.collect()
+                if m.name == "dp_dead_letters"
+                for s in m.samples
+                if s.name.endswith("_total")
+            }
+        relay_s = sum(relay_runs) / rounds
+        enrich_s = sum(enrich_runs) / rounds
         return {
             "records": count,
             "partitions": partitions,
@@ -232,6 +240,10 @@ async def bench(count: int, partitions: int) -> dict[str, Any]:
             "enrichment_s": round(enrich_s, 2),
             "enrichment_per_s": round(count / enrich_s),
             "ratio": round(relay_s / enrich_s, 3),
+            "rounds": rounds,
+            "relay_runs_s": [round(x, 2) for x in relay_runs],
+            "enrichment_runs_s": [round(x, 2) for x in enrich_runs],
+            "load_avg_1m_at_end": round(os.getloadavg()[0], 2),
             "dead_letters": dead,
             "machine": f"{platform.machine()} {platform.system()} {platform.python_version()} "
             f"{os.cpu_count()} cpus",
@@ -256,9 +268,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--records", type=int, default=200_000)
     parser.add_argument("--partitions", type=int, default=None, help="default: topics.partitions")
+    parser.add_argument("--rounds", type=int, default=2, help="relay/enrichment pairs, alternating")
     args = parser.parse_args(argv)
     partitions = args.partitions or load_settings(EnrichmentSettings, service="enrichment").topics.partitions
-    result = asyncio.run(bench(args.records, partitions))
+    result = asyncio.run(bench(args.records, partitions, max(1, args.rounds)))
     print(json.dumps(result, indent=2))
     return 0
 
