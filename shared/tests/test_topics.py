@@ -2,20 +2,30 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 
 import pytest
 from confluent_kafka.admin import AdminClient
 from dataproc_shared.config import RetentionOptions, Settings, TopicOptions, load_settings
-from dataproc_shared.topics import TopicError, TopicSpec, compare, ensure_topics, existing_topics, plan_topics
+from dataproc_shared.topics import (
+    TopicError,
+    TopicSpec,
+    compare,
+    config_differences,
+    ensure_topics,
+    existing_topics,
+    plan_topics,
+    topic_configs,
+)
 
 
-def _settings(partitions: int = 4, suffix: str = "") -> Settings:
+def _settings(partitions: int = 4, suffix: str = "", raw_retention_ms: int = 3_600_000) -> Settings:
     topics = TopicOptions(
         raw=f"raw{suffix}", normalized=f"normalized{suffix}", enriched=f"enriched{suffix}",
         bars=f"bars{suffix}",
         deadletter=f"deadletter{suffix}", partitions=partitions, side_partitions=1,
-        retention_ms=RetentionOptions(raw=3_600_000),
+        retention_ms=RetentionOptions(raw=raw_retention_ms),
         normalization_dedup_changelog=f"dedup-changelog{suffix}",
         aggregation_windows_changelog=f"windows-changelog{suffix}",
     )
@@ -56,6 +66,13 @@ def test_compare_reports_missing_existing_and_mismatch() -> None:
     assert "3 partitions" in by_name["c"].detail
 
 
+def test_config_differences() -> None:
+    spec = TopicSpec("a", 1, 1, "side", {"retention.ms": "10", "cleanup.policy": "delete"})
+    assert config_differences(spec, {"retention.ms": "10", "cleanup.policy": "delete"}) == {}
+    assert config_differences(spec, {"retention.ms": "20"}) == {"retention.ms": ("20", "10"),
+                                                                "cleanup.policy": (None, "delete")}
+
+
 def test_chain_topics_must_share_one_partition_count() -> None:
     with pytest.raises(TopicError, match="one partition count"):
         compare([TopicSpec("a", 4, 1, "chain"), TopicSpec("b", 6, 1, "chain")], {})
@@ -77,6 +94,20 @@ def test_ensure_topics_is_idempotent(kafka_bootstrap: str) -> None:
         third = ensure_topics(admin, plan_topics(_settings(5, suffix)))
         assert {s.action for s in third if s.name in (f"raw{suffix}", f"bars{suffix}")} == {"mismatch"}
         assert existing_topics(admin)[f"raw{suffix}"] == 3
+        # Retention changed in the configuration: flagged, then set with update_config.
+        longer = _settings(3, suffix, raw_retention_ms=7_200_000)
+        flagged = {s.name: s for s in ensure_topics(admin, plan_topics(longer))}[f"raw{suffix}"]
+        assert flagged.action == "exists"
+        assert "retention.ms=3600000 (configured 7200000)" in flagged.detail
+        updated = {s.name: s for s in ensure_topics(admin, plan_topics(longer), update_config=True)}
+        assert updated[f"raw{suffix}"].action == "updated"
+        assert updated[f"bars{suffix}"].action == "exists"
+        # The broker applies altered settings asynchronously: wait for them with a deadline.
+        deadline = time.monotonic() + 15
+        while topic_configs(admin, [f"raw{suffix}"])[f"raw{suffix}"]["retention.ms"] != "7200000":
+            assert time.monotonic() < deadline, "retention.ms was not updated"
+            time.sleep(0.1)
+        assert [s.detail for s in ensure_topics(admin, plan_topics(longer))] == [""] * len(specs)
     finally:
         for future in admin.delete_topics([s.name for s in specs], operation_timeout=30).values():
             future.result()

@@ -3,7 +3,8 @@
 Partition counts, replication and retention come from the settings of the environment
 (`DATA_PROC_ENV`, `DATA_PROC_TOPICS__PARTITIONS`, ...). `create` is idempotent: it creates what is
 missing and reports every topic; it exits 1 when a chain topic or changelog exists with another
-partition count (it never repartitions). `list` shows the configured topics and what the broker has.
+partition count (it never repartitions), and flags settings such as retention that differ
+(`--update-config` sets them). `list` shows the configured topics and what the broker has.
 """
 
 from __future__ import annotations
@@ -18,10 +19,10 @@ from dataproc_shared.logging import configure_logging
 from dataproc_shared.topics import TopicStatus, ensure_topics, existing_topics, plan_topics
 
 
-def create(settings: Settings) -> list[TopicStatus]:
+def create(settings: Settings, update_config: bool = False) -> list[TopicStatus]:
     """Create the missing topics of `settings`; return the status of each."""
     admin = AdminClient(admin_config(settings))
-    return ensure_topics(admin, plan_topics(settings))
+    return ensure_topics(admin, plan_topics(settings), update_config=update_config)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,13 +30,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dptools.topics", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=["create", "list"])
+    parser.add_argument("--update-config", action="store_true",
+                        help="create: also set retention and other settings that differ on existing topics")
     args = parser.parse_args(argv)
     try:
         settings = load_settings(Settings, service="topics")
         configure_logging("topics", env=settings.env, level=settings.log_level)
         specs = plan_topics(settings)
         if args.command == "create":
-            statuses = create(settings)
+            statuses = create(settings, update_config=args.update_config)
             for st in statuses:
                 note = f"  ({st.detail})" if st.detail else ""
                 print(f"{st.action:<9} {st.name:<40} partitions={st.partitions}{note}")

@@ -4,7 +4,9 @@ Every contract topic plus the compacted state changelogs. The chain topics (raw,
 enriched, bars) and the changelogs share one partition count, because an instrument must sit on the
 same partition number everywhere and a changelog partition holds the state of the same input
 partition. A chain topic that already exists with another partition count is reported as a
-mismatch and never altered (repartitioning would move instruments between partitions).
+mismatch and never altered (repartitioning would move instruments between partitions). Topic
+settings (retention, cleanup policy, ...) that differ from the configuration are reported, and
+changed only when asked (`update_config=True`).
 """
 
 from __future__ import annotations
@@ -15,7 +17,13 @@ from typing import TYPE_CHECKING, Literal
 
 import structlog
 from confluent_kafka import KafkaError, KafkaException
-from confluent_kafka.admin import AdminClient
+from confluent_kafka.admin import (  # type: ignore[attr-defined]  # re-exported without __all__ entries
+    AdminClient,
+    AlterConfigOpType,
+    ConfigEntry,
+    ConfigResource,
+    ResourceType,
+)
 from confluent_kafka.cimpl import NewTopic
 
 from dataproc_shared.errors import DataProcError
@@ -26,7 +34,7 @@ if TYPE_CHECKING:
 log = structlog.get_logger(__name__)
 
 Role = Literal["chain", "changelog", "side"]
-Action = Literal["created", "exists", "mismatch"]
+Action = Literal["created", "exists", "updated", "mismatch"]
 
 
 class TopicError(DataProcError):
@@ -109,6 +117,37 @@ def compare(
     return missing, statuses
 
 
+def config_differences(spec: TopicSpec, current: Mapping[str, str]) -> dict[str, tuple[str | None, str]]:
+    """Settings of `spec` whose value on the broker (`current`) differs: key -> (have, want)."""
+    return {k: (current.get(k), v) for k, v in spec.config.items() if current.get(k) != v}
+
+
+def topic_configs(
+    admin: AdminClient, names: Sequence[str], timeout_s: float = 30.0
+) -> dict[str, dict[str, str]]:
+    """Current settings of the topics `names` on the broker."""
+    if not names:
+        return {}
+    futures = admin.describe_configs([ConfigResource(ResourceType.TOPIC, n) for n in names],
+                                     request_timeout=timeout_s)
+    return {resource.name: {k: str(e.value) for k, e in future.result().items()}
+            for resource, future in futures.items()}
+
+
+def _describe(diff: Mapping[str, tuple[str | None, str]]) -> str:
+    return ", ".join(f"{k}={have} (configured {want})" for k, (have, want) in sorted(diff.items()))
+
+
+def _alter(
+    admin: AdminClient, name: str, diff: Mapping[str, tuple[str | None, str]], timeout_s: float
+) -> None:
+    entries = [ConfigEntry(k, want, incremental_operation=AlterConfigOpType.SET)
+               for k, (_have, want) in diff.items()]
+    resource = ConfigResource(ResourceType.TOPIC, name, incremental_configs=entries)
+    for future in admin.incremental_alter_configs([resource], request_timeout=timeout_s).values():
+        future.result()
+
+
 def existing_topics(admin: AdminClient, timeout_s: float = 10.0) -> dict[str, int]:
     """Name -> partition count of every topic on the cluster (internal ones included)."""
     metadata = admin.list_topics(timeout=timeout_s)
@@ -116,10 +155,28 @@ def existing_topics(admin: AdminClient, timeout_s: float = 10.0) -> dict[str, in
 
 
 def ensure_topics(
-    admin: AdminClient, specs: Sequence[TopicSpec], timeout_s: float = 30.0
+    admin: AdminClient, specs: Sequence[TopicSpec], timeout_s: float = 30.0, *, update_config: bool = False
 ) -> list[TopicStatus]:
-    """Create the missing topics of `specs`; report every one. Never alters an existing topic."""
+    """Create the missing topics of `specs` and report every one.
+
+    Partition counts of existing topics are never changed. Settings that differ from `spec.config`
+    are reported in the status's detail, and set on the broker when `update_config` is true.
+    """
     missing, statuses = compare(specs, existing_topics(admin, timeout_s))
+    by_spec = {s.name: s for s in specs}
+    current = topic_configs(admin, [st.name for st in statuses], timeout_s)
+    for i, st in enumerate(statuses):
+        diff = config_differences(by_spec[st.name], current.get(st.name, {}))
+        if not diff:
+            continue
+        if update_config and st.action == "exists":
+            _alter(admin, st.name, diff, timeout_s)
+            log.info("topic settings updated", topic=st.name, settings=_describe(diff))
+            statuses[i] = TopicStatus(st.name, "updated", st.partitions, st.expected_partitions,
+                                      "set " + _describe(diff))
+        else:
+            detail = "; ".join(p for p in (st.detail, "settings differ: " + _describe(diff)) if p)
+            statuses[i] = TopicStatus(st.name, st.action, st.partitions, st.expected_partitions, detail)
     if missing:
         futures = admin.create_topics(
             [NewTopic(s.name, num_partitions=s.partitions, replication_factor=s.replication_factor,
