@@ -71,8 +71,12 @@ def _enriched(tick: NormalizedTick, instrument_id: str, ts_ns: int) -> dict[str,
     return record
 
 
-def backlog(count: int, run: str) -> Iterator[tuple[str, bytes, dict[str, Any]]]:
-    """`count` (schema, key, record): enriched ticks and the bars their trades make, in stream order."""
+def backlog(count: int, run: str, spread: int = 1) -> Iterator[tuple[str, bytes, dict[str, Any]]]:
+    """`count` (schema, key, record): enriched ticks and the bars their trades make, in stream order.
+
+    `spread` > 1 deals each real instrument's ticks round-robin over that many instrument ids, so a
+    batch holds many more instruments (less coalescing, more Redis writes per record).
+    """
     source = normalized_ticks(min(count, 200_000))
     span_ns = max(t.ts_ns for t in source) - min(t.ts_ns for t in source) + 1
     bars: dict[str, dict[str, Any]] = {}
@@ -80,8 +84,9 @@ def backlog(count: int, run: str) -> Iterator[tuple[str, bytes, dict[str, Any]]]
     for n in itertools.count():
         tick = source[n % len(source)]
         ts_ns = tick.ts_ns + (n // len(source)) * span_ns  # cycled copies continue in time
-        iid = f"bench-{run}-{tick.key}"
-        key = instrument_key(tick.venue, tick.symbol)
+        copy = f"~{n % spread}" if spread > 1 else ""
+        iid = f"bench-{run}-{tick.key}{copy}"
+        key = instrument_key(tick.venue, tick.symbol + copy)
         yield "enriched_tick", key, _enriched(tick, iid, ts_ns)
         emitted += 1
         if emitted >= count:
@@ -115,12 +120,13 @@ def backlog(count: int, run: str) -> Iterator[tuple[str, bytes, dict[str, Any]]]
                 return
 
 
-def produce(bootstrap: str, topics: dict[str, str], partitions: int, count: int, run: str) -> dict[str, int]:
+def produce(bootstrap: str, topics: dict[str, str], partitions: int, count: int, run: str,
+            spread: int = 1) -> dict[str, int]:
     """Produce the backlog; return how many records went to each topic."""
     producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20, "batch.size": 1_000_000,
                          "compression.type": "lz4", "enable.idempotence": True})
     sent = {"enriched_tick": 0, "bar": 0}
-    for schema, key, record in backlog(count, run):
+    for schema, key, record in backlog(count, run, spread):
         topic = topics["ticks"] if schema == "enriched_tick" else topics["bars"]
         value = avro.encode(schema, record)
         while True:
@@ -186,7 +192,7 @@ def _delete_keys(url: str, run: str) -> int:
         client.close()
 
 
-async def bench(count: int, partitions: int) -> dict[str, Any]:
+async def bench(count: int, partitions: int, spread: int = 1) -> dict[str, Any]:
     """Create topics, produce the backlog, drain it with the relay and the service; return figures."""
     run = uuid.uuid4().hex[:8]
     topics = {"ticks": f"bench-enriched-{run}", "bars": f"bench-bars-{run}", "relay": f"bench-relay-{run}",
@@ -199,7 +205,7 @@ async def bench(count: int, partitions: int) -> dict[str, Any]:
         future.result()
     try:
         started = time.perf_counter()
-        sent = produce(base.kafka_bootstrap, topics, partitions, count, run)
+        sent = produce(base.kafka_bootstrap, topics, partitions, count, run, spread)
         produce_s = time.perf_counter() - started
         inputs = [topics["ticks"], topics["bars"]]
 
@@ -226,6 +232,7 @@ async def bench(count: int, partitions: int) -> dict[str, Any]:
             "ticks": sent["enriched_tick"],
             "bars": sent["bar"],
             "partitions": partitions,
+            "spread": spread,
             "guarantee": base.loop.guarantee,
             "batch_size": base.loop.batch_size,
             "produce_s": round(produce_s, 2),
@@ -254,9 +261,11 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--records", type=int, default=100_000)
     parser.add_argument("--partitions", type=int, default=None, help="default: topics.partitions")
+    parser.add_argument("--spread", type=int, default=1,
+                        help="deal each real instrument over this many instrument ids (less coalescing)")
     args = parser.parse_args(argv)
     partitions = args.partitions or load_settings(ProjectionSettings, service="projection").topics.partitions
-    result = asyncio.run(bench(args.records, partitions))
+    result = asyncio.run(bench(args.records, partitions, args.spread))
     print(json.dumps(result, indent=2))
     return 0
 

@@ -20,8 +20,8 @@ class ProjectionOptions(BaseModel):
     max_final_bars: int = Field(default=DEFAULT_MAX_FINAL_BARS, ge=1, le=1_000_000)
     #: Channel announcing every applied change.
     updates_channel: str = Field(default=UPDATES_CHANNEL, min_length=1)
-    #: Commands per Redis pipeline round trip.
-    pipeline_chunk: int = Field(default=2_000, ge=1, le=100_000)
+    #: Writes per script call (one batch's calls go in one pipelined round trip).
+    pipeline_chunk: int = Field(default=500, ge=1, le=10_000)
     #: Socket connect/read timeout of the Redis client.
     socket_timeout_s: float = Field(default=5.0, gt=0, le=300)
     #: First and longest wait between attempts while Redis is unavailable.
