@@ -235,6 +235,7 @@ def test_timestamp_forms(ts: Any, expected_ns: int) -> None:
         [1],
         {"s": 1},
         10**30,
+        10**10 - 1,  # seconds beyond int64 nanoseconds
         "1e400",
     ],
 )

@@ -48,6 +48,7 @@ _EPOCH_UNITS: tuple[tuple[Decimal, int], ...] = (
     (Decimal("1e17"), 1_000),
 )
 
+_INT_EPOCH_UNITS: tuple[tuple[int, int], ...] = ((10**11, 1_000_000_000), (10**14, 1_000_000))
 _DECIMAL_RE = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
 _NON_FINITE_WORDS = frozenset({"nan", "inf", "infinity"})
 _INTEGER_RE = re.compile(r"[+-]?\d+")
@@ -368,6 +369,11 @@ def _parse_timestamp(raw: object) -> int:
     if isinstance(raw, bool):
         raise _Reject(DeadLetterReason.BAD_TIMESTAMP, "ts must be a string or a number, got a boolean")
     if isinstance(raw, int):
+        if 0 < raw < 10**17:  # the common case, in exact integer arithmetic
+            ns = raw * next((unit for bound, unit in _INT_EPOCH_UNITS if raw < bound), 1_000)
+            if ns <= _INT64_MAX:
+                return ns
+            raise _Reject(DeadLetterReason.BAD_TIMESTAMP, "epoch ts out of range")
         number = Decimal(raw)
     elif isinstance(raw, float):
         if not math.isfinite(raw):
