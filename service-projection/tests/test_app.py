@@ -148,3 +148,18 @@ async def test_start_and_idle_ping_report_health() -> None:
     clock.now += 10
     await proc.on_tick()
     assert not proc.health.up
+
+
+async def test_error_reply_is_retried_not_spun_on() -> None:
+    class WrongTypeSink(FakeSink):
+        async def apply(self, writes: list[Write]) -> WriteOutcome:
+            self.calls.append(list(writes))
+            raise redis.exceptions.ResponseError("WRONGTYPE Operation against a key holding the wrong kind")
+
+    sink, clock = WrongTypeSink(), Clock()
+    proc = make(sink, clock)
+    await proc.process([tick_record(1, 1.0)])
+    with pytest.raises(RedisUnavailable, match="WRONGTYPE"):
+        await proc.before_commit()
+    assert clock.sleeps[:3] == [0.1, 0.2, 0.4]  # backoff, not a hot loop
+    assert not proc.health.up

@@ -21,9 +21,7 @@ from dataproc_shared import avro
 from dataproc_shared.masking import mask_text
 from dataproc_shared.metrics import ServiceMetrics
 from dataproc_shared.records import BatchResult, InRecord
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ReadOnlyError
-from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.exceptions import RedisError
 
 from projection.redis_sink import RedisProjectionSink, WriteOutcome, redis_client
 from projection.settings import ProjectionOptions, ProjectionSettings
@@ -31,9 +29,12 @@ from projection.transform import InputTopics, KeyType, PendingWrites, Projection
 
 log = structlog.get_logger(__name__)
 
-#: Errors that mean "Redis is unavailable right now" (retried), as opposed to a bug (raised at once).
+#: Errors that make Redis "unavailable": retried with backoff and reported on `/health`. Besides
+#: connection errors this includes every error reply (a read-only replica, a key of the wrong type
+#: written by someone else): replaying at once could only fail again, so the service waits for Redis
+#: to be fixed instead of spinning.
 REDIS_UNAVAILABLE: tuple[type[BaseException], ...] = (
-    RedisConnectionError, RedisTimeoutError, ReadOnlyError, ConnectionError, asyncio.TimeoutError,
+    RedisError, ConnectionError, asyncio.TimeoutError,
 )
 #: How often an idle service checks that Redis answers.
 PING_INTERVAL_S = 5.0
