@@ -174,8 +174,14 @@ class ServiceProcess:
 
 
 def wait_for(predicate: Any, within_s: float = 30.0, what: str = "condition") -> None:
+    """Poll `predicate` until true; an HTTP server not up yet counts as false."""
     deadline = time.monotonic() + within_s
-    while not predicate():
+    while True:
+        try:
+            if predicate():
+                return
+        except OSError:  # includes URLError: the service's HTTP server is not listening yet
+            pass
         if time.monotonic() > deadline:
             raise TimeoutError(f"{what} not reached in {within_s}s")
         time.sleep(0.1)

@@ -122,6 +122,44 @@ async def test_connection_loss_serves_cache_and_catches_up_on_reconnect(refdata_
         await proxy.close()
 
 
+async def test_periodic_refresh_catches_changes_that_were_not_announced(refdata_dsn: str) -> None:
+    seen: list[tuple[AppliedChange, str]] = []
+    cache = ReferenceCache()
+    options = StoreOptions(refresh_interval_s=0.5, ping_interval_s=0.2)
+    store = ReferenceStore(
+        refdata_dsn, cache, options=options, on_changes=lambda cs, src: seen.extend((c, src) for c in cs)
+    )
+    async with store:
+        assert await store.wait_loaded(10)
+        seen.clear()
+        conn = await asyncpg.connect(refdata_dsn)
+        try:  # a change made with the notify trigger off: only the safety net can see it
+            async with conn.transaction():
+                await conn.execute("ALTER TABLE instruments DISABLE TRIGGER instruments_notify")
+                await conn.execute(
+                    "UPDATE instruments SET symbol = 'IBM CORP' WHERE instrument_id = 'XNYS.IBM'"
+                )
+                await conn.execute("ALTER TABLE instruments ENABLE TRIGGER instruments_notify")
+        finally:
+            await conn.close()
+        await _until(lambda: (cache.instrument("XNYS.IBM") or _none()).symbol == "IBM CORP", 5)
+        assert [(c.key, c.op, src) for c, src in seen] == [("XNYS.IBM", ChangeOp.UPDATE, "refresh")]
+
+
+async def test_truncate_triggers_a_reload(refdata_dsn: str) -> None:
+    cache = ReferenceCache()
+    store = ReferenceStore(refdata_dsn, cache, options=FAST)
+    async with store:
+        assert await store.wait_loaded(10)
+        conn = await asyncpg.connect(refdata_dsn)
+        try:
+            await conn.execute("TRUNCATE instruments")
+        finally:
+            await conn.close()
+        await _until(lambda: cache.instrument_count == 0, 5)
+        assert cache.lookup("XNYS", "IBM").resolution is Resolution.UNKNOWN
+
+
 async def test_unreachable_database_is_never_loaded_and_never_current() -> None:
     store = ReferenceStore("postgresql://nobody:secret@127.0.0.1:9/none", ReferenceCache(), options=FAST)
     async with store:

@@ -324,3 +324,33 @@ async def test_exactly_once_across_kill_9(
     assert sorted(counts) == list(range(len(ticks)))
     kinds = Counter(o.kind for o in found)
     assert kinds == {"enriched": len(ticks) - unknown, "unknown_instrument": unknown}
+
+
+async def test_not_ready_and_nothing_decided_until_the_first_load(
+    refdata_dsn: str,
+    pg_proxy: TcpProxy,
+    topics: dict[str, str],
+    service_factory: Callable[..., ServiceProcess],
+    consume_all: Callable[..., list[InRecord]],
+    kafka_bootstrap: str,
+) -> None:
+    pg_proxy.cut()  # PostgreSQL unreachable from the start
+    ticks = [tick(*KNOWN[n % len(KNOWN)], n) for n in range(30)] + [tick("XNYS", "NOPE", 30)]
+    await asyncio.to_thread(produce_ticks, kafka_bootstrap, topics["normalized"], PARTITIONS, ticks)
+    service = service_factory(with_port(refdata_dsn, "127.0.0.1", pg_proxy.port))
+    await asyncio.to_thread(
+        wait_for,
+        lambda: service.metric("dp_messages_in_total", topic=topics["normalized"]) > 0,
+        30,
+        "consuming",
+    )
+    await asyncio.sleep(2)
+    assert (await asyncio.to_thread(service.get, "/ready"))[0] == 503
+    assert (await asyncio.to_thread(service.get, "/live"))[0] == 200
+    nothing = await asyncio.to_thread(consume_all, [topics["enriched"], topics["deadletter"]], timeout=30)
+    assert nothing == []
+    pg_proxy.restore()
+    await asyncio.to_thread(service.wait_ready, 30)
+    found = await asyncio.to_thread(_read, consume_all, topics, len(ticks))
+    assert sorted(o.n for o in found) == list(range(len(ticks)))
+    assert Counter(o.kind for o in found) == {"enriched": 30, "unknown_instrument": 1}
