@@ -47,21 +47,22 @@ def expected_outputs(sent: list[tuple[bytes, bytes]]) -> Counter[tuple[bytes, by
 class App:
     """Starts the test service as a subprocess with its own topics and instance id."""
 
-    def __init__(self, bootstrap: str, env: dict[str, str], tmp: Path) -> None:
+    def __init__(self, bootstrap: str, env: dict[str, str], tmp: Path, name: str = "app") -> None:
         self.env = {**os.environ, "DATA_PROC_KAFKA_BOOTSTRAP": bootstrap, **env}
         self.tmp = tmp
+        self.name = name
         self.proc: subprocess.Popen[bytes] | None = None
         self.runs = 0
 
     def start(self) -> subprocess.Popen[bytes]:
         self.runs += 1
-        with (self.tmp / f"app-{self.runs}.log").open("wb") as log:
+        with (self.tmp / f"{self.name}-{self.runs}.log").open("wb") as log:
             self.proc = subprocess.Popen([sys.executable, str(APP)], env=self.env, stdout=log,
                                          stderr=subprocess.STDOUT)
         return self.proc
 
     def log(self) -> str:
-        return "\n".join((self.tmp / f"app-{i}.log").read_text(errors="replace")[-3000:]
+        return "\n".join((self.tmp / f"{self.name}-{i}.log").read_text(errors="replace")[-3000:]
                          for i in range(1, self.runs + 1))
 
     def kill(self) -> None:
@@ -85,7 +86,7 @@ def app_factory(kafka_bootstrap: str, tmp_path: Path) -> Iterator[Callable[..., 
     apps: list[App] = []
 
     def make(**env: str) -> App:
-        app = App(kafka_bootstrap, env, tmp_path)
+        app = App(kafka_bootstrap, env, tmp_path, name=f"app{len(apps)}")
         apps.append(app)
         return app
 
@@ -199,3 +200,48 @@ def test_at_least_once_delivers_everything(
     assert got == expected  # a clean run produces no duplicates either
     dead = consume_all([env["DATA_PROC_TOPICS__DEADLETTER"]], read_committed=False)
     assert [decode_dead_letter(r.value or b"")["payload"] for r in dead] == [b"POISON"]
+
+
+def test_rebalance_to_a_surviving_instance_restores_state_exactly_once(
+    topic_factory: Callable[..., str], app_factory: Callable[..., App], kafka_bootstrap: str,
+    consume_all: Callable[..., list[InRecord]],
+) -> None:
+    env = topics(topic_factory, partitions=4)
+    sent = produce_inputs(kafka_bootstrap, env["APP_INPUT"], [b"r%d" % i for i in range(300)])
+    expected = expected_outputs(sent)
+    common = {**env, "APP_SLEEP_S": "0.3", "DATA_PROC_LOOP__BATCH_SIZE": "10"}
+    first = app_factory(**{**common, "DATA_PROC_INSTANCE_ID": env["DATA_PROC_INSTANCE_ID"] + "a"})
+    second = app_factory(**{**common, "DATA_PROC_INSTANCE_ID": env["DATA_PROC_INSTANCE_ID"] + "b"})
+    first.start()
+    wait_for(lambda: len(consume_all([env["APP_OUTPUT"]], timeout=30)) >= 20, 60, "progress")
+    second.start()
+    wait_for(lambda: "state restored" in second.log(), 60, "the second instance's share")
+    first.kill()
+    wait_for(lambda: len(consume_all([env["APP_OUTPUT"]], timeout=30)) >= sum(expected.values()), 120,
+             "all outputs after the rebalance")
+    assert second.terminate() == 0, second.log()
+    assert pairs(consume_all([env["APP_OUTPUT"]], timeout=30)) == expected, second.log()
+    log = second.log()
+    assert "partitions revoke" in log
+    assert log.count("partitions assign") >= 2
+    assert "partitions revoke" in first.log()
+
+
+def test_a_fenced_instance_exits_non_zero_and_the_new_one_finishes(
+    topic_factory: Callable[..., str], app_factory: Callable[..., App], kafka_bootstrap: str,
+    consume_all: Callable[..., list[InRecord]],
+) -> None:
+    env = topics(topic_factory, partitions=2)
+    sent = produce_inputs(kafka_bootstrap, env["APP_INPUT"], [b"f%d" % i for i in range(200)])
+    expected = expected_outputs(sent)
+    old = app_factory(**env, APP_SLEEP_S="0.4", DATA_PROC_LOOP__BATCH_SIZE="5")
+    new = app_factory(**env, APP_SLEEP_S="0.02", DATA_PROC_LOOP__BATCH_SIZE="5")
+    old.start()
+    wait_for(lambda: len(consume_all([env["APP_OUTPUT"]], timeout=30)) >= 20, 60, "progress")
+    new.start()  # same instance id: same transactional.id and group.instance.id
+    assert old.proc is not None
+    assert old.proc.wait(60) != 0, old.log()
+    wait_for(lambda: len(consume_all([env["APP_OUTPUT"]], timeout=30)) >= sum(expected.values()), 120,
+             "all outputs")
+    assert new.terminate() == 0, new.log()
+    assert pairs(consume_all([env["APP_OUTPUT"]], timeout=30)) == expected, old.log() + new.log()

@@ -9,7 +9,6 @@ from collections.abc import Callable
 import aiohttp
 import pytest
 from confluent_kafka import Producer
-
 from dataproc_shared.config import load_settings
 from dataproc_shared.kafka.passthrough import PassthroughProcessor
 from dataproc_shared.records import CORRELATION_HEADER, INGEST_TIME_HEADER, BatchResult, InRecord, OutRecord
@@ -47,7 +46,8 @@ async def test_serve_runs_the_loop_with_health_metrics_and_ticks(
                          headers=[(CORRELATION_HEADER, b"cid-%d" % i)] if i % 2 else None)
     assert producer.flush(30) == 0
     monkeypatch.setenv("DATA_PROC_AUDIT_ENABLED", "false")
-    settings = load_settings(service="svcint", instance_id=uuid.uuid4().hex[:8], kafka_bootstrap=kafka_bootstrap,
+    settings = load_settings(service="svcint", instance_id=uuid.uuid4().hex[:8],
+                             kafka_bootstrap=kafka_bootstrap,
                              http={"host": "127.0.0.1", "port": 0},
                              kafka={"group_id": f"svc-{uuid.uuid4().hex}"},
                              loop={"tick_interval_ms": 200, "batch_size": 7})

@@ -202,7 +202,7 @@ class ChangelogStore:
                         f"changelog {self._topic} partitions {sorted(remaining)} not read to the end "
                         f"within {self._restore_timeout_s}s"
                     )
-                for msg in consumer.consume(1000, 0.5):
+                for msg in consumer.consume(1000, 0.1):
                     err = msg.error()
                     if err is not None:
                         if err.code() == KafkaError._PARTITION_EOF:

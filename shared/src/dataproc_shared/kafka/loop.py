@@ -345,7 +345,8 @@ class KafkaLoop:
             if err is not None:
                 if err.code() == KafkaError._PARTITION_EOF:
                     continue
-                if err.fatal():
+                if err.fatal() or err.code() == KafkaError._FATAL:
+                    # e.g. fenced by another consumer with the same group.instance.id
                     raise LoopFatalError(f"consumer failed: {err}")
                 log.warning("consume error", service=self._service, error=str(err))
                 continue
