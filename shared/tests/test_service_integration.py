@@ -88,3 +88,13 @@ async def test_serve_runs_the_loop_with_health_metrics_and_ticks(
         else:
             assert headers[CORRELATION_HEADER].startswith(source.encode() + b"-")
         assert int(headers[INGEST_TIME_HEADER]) > 1_600_000_000 * 10**9
+
+
+async def test_serve_refuses_to_start_without_its_topics(kafka_bootstrap: str,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DATA_PROC_AUDIT_ENABLED", "false")
+    settings = load_settings(service="svcint", kafka_bootstrap=kafka_bootstrap,
+                             http={"host": "127.0.0.1", "port": 0})
+    missing = f"no-such-topic-{uuid.uuid4().hex}"
+    result = await asyncio.wait_for(serve(settings, PassthroughProcessor("x"), input_topics=[missing]), 60)
+    assert result == (1, False)

@@ -9,8 +9,8 @@ exits with status 2), creates the metrics registry, starts the health server (wi
 the service's own dependency checks and routes), the audit emitter (and, in the process that owns
 an embedded ClickHouse, the audit loader), builds the processor and runs the Kafka loop until
 SIGTERM/SIGINT. Every resource sits in one `AsyncExitStack`, closed in reverse order. Exit status:
-0 after a clean stop, 1 when the loop failed fatally or did not stop within
-`loop.shutdown_timeout_s`.
+0 after a clean stop, 1 when a needed topic (input, dead-letter, audit) is missing, the loop failed
+fatally or did not stop within `loop.shutdown_timeout_s`.
 
 Audit sinks: `audit_sinks` from the settings, except that with an embedded ClickHouse
 (`DATA_PROC_CLICKHOUSE_URL` is a path) only the owner may open the engine, so every other service
@@ -142,6 +142,14 @@ async def serve(
             health.add_check(dep.name, dep.check, critical=dep.critical)
         health.add_routes(extra_routes)
 
+        needed = [*input_topics, settings.topics.deadletter]
+        if settings.audit_enabled_for() and "kafka" in audit_sink_names(settings, clickhouse_owner):
+            needed.append(settings.audit_kafka_topic)
+        missing = await asyncio.to_thread(_missing_topics, admin, needed)
+        if missing:
+            log.error("topics missing: create them with the topic tooling", topics=missing)
+            return 1, False
+
         clickhouse = _open_clickhouse(settings, clickhouse_owner)
         if clickhouse is not None:
             stack.callback(clickhouse.close)
@@ -197,6 +205,12 @@ async def serve(
             return 1, False
         log.info("service stopped", committed_cycles=loop.committed_cycles)
     return 0, False
+
+
+def _missing_topics(admin: AdminClient, topics: Iterable[str]) -> list[str]:
+    """Topics of `topics` the broker does not have (auto-creation is off: producing would fail)."""
+    existing = admin.list_topics(timeout=15).topics
+    return sorted({t for t in topics if t not in existing})
 
 
 def _open_clickhouse(settings: Settings, owner: bool) -> ClickHouseClient | None:

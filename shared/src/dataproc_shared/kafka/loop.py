@@ -670,7 +670,8 @@ class KafkaLoop:
         try:
             positions = consumer.position([TopicPartition(t, p) for t, p in sorted(self._assigned)])
             for tp in positions:
-                wm = consumer.get_watermark_offsets(TopicPartition(tp.topic, tp.partition), timeout=2.0)
+                # Cached: the high watermark of the last fetch response, no broker round trip.
+                wm = consumer.get_watermark_offsets(TopicPartition(tp.topic, tp.partition), cached=True)
                 if wm is None:
                     continue
                 low, high = wm
