@@ -153,3 +153,21 @@ async def test_changes_are_counted_and_audited_with_the_next_tick() -> None:
     assert [e.event_type for e in tick.audit] == ["reference_loaded", "reference_change"]
     assert tick.audit[1].details["op"] == "deactivate"
     assert (await proc.on_tick()).audit == []
+
+
+async def test_audit_events_of_an_aborted_cycle_go_out_again() -> None:
+    source = FakeSource()
+    source.set_current(True)
+    proc = EnrichmentProcessor(_settings(), source)
+    change = AppliedChange(RefTable.INSTRUMENTS, ChangeOp.UPDATE, "XNYS.IBM", IBM, IBM)
+    proc.on_changes([change], "notify")
+    first = await proc.process([_tick("IBM", 0)])
+    assert len(first.audit) == 1
+    await proc.before_commit()
+    await proc.on_abort()  # the transaction with the audit event was aborted
+    again = await proc.process([_tick("IBM", 0)])
+    assert [e.details["key"] for e in again.audit] == ["XNYS.IBM"]
+    await proc.before_commit()  # committed this time: the next cycle hands out nothing
+    assert (await proc.process([_tick("IBM", 1)])).audit == []
+    await proc.on_abort()  # an abort of a later cycle does not bring back committed events
+    assert (await proc.on_tick()).audit == []

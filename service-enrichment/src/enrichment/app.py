@@ -122,6 +122,10 @@ class EnrichmentProcessor:
             event_time_header=EVENT_TIME_HEADER,
         )
         self._pending_audit: list[AuditEvent] = []
+        # audit events handed to the loop in the current cycle / in the cycle being committed:
+        # an aborted cycle puts them back, so each reference change is audited by a committed cycle
+        self._in_flight: list[AuditEvent] = []
+        self._committing: list[AuditEvent] = []
 
     def on_changes(self, changes: list[AppliedChange], source: str) -> None:
         """Count and audit changes applied to the cache (the store's change listener)."""
@@ -153,6 +157,7 @@ class EnrichmentProcessor:
 
     async def process(self, batch: list[InRecord]) -> BatchResult:
         """Enrich `batch`; hold it while a record cannot be decided (reference database unreachable)."""
+        self._committing = []  # the previous cycle committed (an abort would have re-queued them)
         started: float | None = None
         while True:
             outcome = self._enricher.enrich(batch, cache_current=self._store.current)
@@ -184,14 +189,20 @@ class EnrichmentProcessor:
         return BatchResult(audit=self._drain_audit())
 
     async def before_commit(self) -> BatchResult:
-        """No external sink."""
+        """No external sink; the cycle's audit events are now being committed."""
+        self._committing.extend(self._in_flight)
+        self._in_flight = []
         return BatchResult()
 
     async def on_abort(self) -> None:
-        """Stateless: nothing to forget."""
+        """No tick state to forget; audit events of the aborted cycle go out again with the next one."""
+        self._pending_audit = [*self._committing, *self._in_flight, *self._pending_audit]
+        self._committing = []
+        self._in_flight = []
 
     def _drain_audit(self) -> list[AuditEvent]:
         events, self._pending_audit = self._pending_audit, []
+        self._in_flight.extend(events)
         return events
 
 
