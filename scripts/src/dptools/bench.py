@@ -1,0 +1,448 @@
+"""Pipeline benchmark against the physical limit, on the local stack, in one run.
+
+    uv run python -m dptools.bench --ticks 1000000            # full run (see docs/benchmarks.md)
+    uv run python -m dptools.bench --ticks 50000 --open-loop-seconds 10   # quick look
+
+1. Pre-produces a backlog of synthetic raw ticks (valid trades and quotes over the reference-data
+   instruments, event times spread over the last `--span-minutes`) to a fresh raw topic.
+2. Relay chain: four `dptools.relay` processes (raw -> r1 -> r2 -> r3 -> r4, the shared Kafka loop
+   with the same guarantee and transactions, no decoding) drain the backlog; ticks/s = the physical
+   limit on this broker, these topics and partitions, these messages.
+3. Drain mode: the four services drain the same backlog (own consumer groups, own downstream topics,
+   own chDB folder, own Redis database); ticks/s end to end, and the ratio to the relay chain.
+4. Open loop at fixed shares of the drain rate: ticks are sent on a fixed schedule whatever the
+   pipeline does (event time = scheduled send time, so latency is measured from when a tick was due,
+   without coordinated omission); every tick write announced on Redis `md:updates` gives one
+   tick -> Redis latency sample; every final bar announced gives the delay from its window's close
+   (window end + allowed lateness) to its final bar in Redis (ClickHouse is written before the bars
+   topic commits, hence before Redis).
+5. CPU microseconds per tick and peak RSS of every process.
+
+Writes `bench-results/bench-<time>.json` and `.png`. Needs `make up` and the reference data loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from confluent_kafka import Producer
+from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
+
+from dptools.pipeline import REPO, SERVICES, Pipeline, http_get
+from dptools.produce import load_instruments_from_postgres
+from dptools.ticks import GeneratorConfig, generate
+
+_SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+([0-9.eE+-]+|NaN|\+Inf|-Inf)$')
+_LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def free_port() -> int:
+    """A free loopback TCP port."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def scrape(url: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """Samples of a Prometheus text endpoint ({} when it does not answer)."""
+    status, body = http_get(url, timeout=5)
+    out: dict[tuple[str, frozenset[tuple[str, str]]], float] = {}
+    if status != 200:
+        return out
+    for line in body.decode().splitlines():
+        m = _SAMPLE.match(line)
+        if m:
+            labels = frozenset(_LABEL.findall(m.group(2) or ""))
+            out[(m.group(1), labels)] = float(m.group(3))
+    return out
+
+
+def metric(samples: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, **labels: str) -> float:
+    """Sum of a metric's samples whose labels include `labels`."""
+    want = set(labels.items())
+    return sum(v for (n, lab), v in samples.items() if n == name and want <= set(lab))
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def peak_rss_mib(pid: int) -> float:
+    """Peak resident set size (VmHWM) of a process, MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+@dataclass
+class Stage:
+    """One process of a chain: its pid and metrics URL."""
+
+    name: str
+    pid: int
+    metrics_url: str
+
+
+@dataclass
+class Timeline:
+    """When the first record was consumed and when the chain was done."""
+
+    start: float = 0.0
+    end: float = 0.0
+    samples: list[tuple[float, float]] = field(default_factory=list)
+
+
+def watch(first: Callable[[], float], done: Callable[[], bool], timeout: float) -> Timeline:
+    """Poll until `done()`; `first()` > 0 marks the start (first record consumed by the first stage)."""
+    tl = Timeline()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        now = time.monotonic()
+        consumed = first()
+        if consumed > 0 and not tl.start:
+            tl.start = now
+        tl.samples.append((now, consumed))
+        if tl.start and done():
+            tl.end = time.monotonic()
+            return tl
+        time.sleep(0.25)
+    raise TimeoutError("chain did not finish in time")
+
+
+def create_topics(admin: AdminClient, names: list[str], partitions: int, compacted: set[str]) -> None:
+    """Create topics and wait for them."""
+    new = [NewTopic(n, num_partitions=partitions, replication_factor=1,
+                    config={"cleanup.policy": "compact"} if n in compacted else {}) for n in names]
+    for future in admin.create_topics(new, operation_timeout=30).values():
+        future.result()
+
+
+def preproduce(bootstrap: str, topic: str, count: int, span_minutes: float, dsn: str, seed: int) -> float:
+    """Write the backlog; returns seconds taken."""
+    instruments = load_instruments_from_postgres(dsn)
+    span_ns = int(span_minutes * 60e9)
+    cfg = GeneratorConfig(count=count, seed=seed, start_ns=time.time_ns() - span_ns - 5 * 10**9,
+                          step_ns=max(1, span_ns // count), quote_share=0.4, timestamp_style="ns")
+    producer = Producer({"bootstrap.servers": bootstrap, "partitioner": "murmur2_random", "linger.ms": 50,
+                         "batch.num.messages": 10_000, "queue.buffering.max.messages": 1_000_000,
+                         "compression.type": "lz4", "enable.idempotence": True})
+    started = time.monotonic()
+    for tick in generate(instruments, cfg):
+        while True:
+            try:
+                producer.produce(topic, key=tick.key, value=tick.value)
+                break
+            except BufferError:
+                producer.poll(0.1)
+        producer.poll(0)
+    if producer.flush(120):
+        raise RuntimeError("backlog not fully delivered")
+    return time.monotonic() - started
+
+
+def start_process(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    """A child process logging to `log`."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("ab") as fh:
+        return subprocess.Popen(args, env=env, stdout=fh, stderr=subprocess.STDOUT, cwd=REPO,
+                                start_new_session=True)
+
+
+def wait_ready(port: int, proc: subprocess.Popen[bytes], timeout: float = 120) -> None:
+    """Until /ready answers 200."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode}")
+        if http_get(f"http://127.0.0.1:{port}/ready")[0] == 200:
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"port {port} not ready")
+
+
+def run_relay_chain(bootstrap: str, raw: str, n: int, run_id: str, base_env: dict[str, str],
+                    partitions: int, log_dir: Path) -> dict[str, Any]:
+    """Drain the backlog through four relays; ticks/s and per-process CPU/RSS."""
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    hops = [raw] + [f"bench-{run_id}-relay{i}" for i in range(1, 5)]
+    create_topics(admin, hops[1:], partitions, set())
+    procs: list[tuple[Stage, subprocess.Popen[bytes]]] = []
+    try:
+        for i in range(4):
+            port = free_port()
+            env = dict(base_env, DATA_PROC_HTTP__PORT=str(port),
+                       DATA_PROC_INSTANCE_ID=f"{run_id}-relay{i + 1}",
+                       DATA_PROC_KAFKA__GROUP_ID=f"bench-{run_id}-relay{i + 1}")
+            proc = start_process([sys.executable, "-m", "dptools.relay", hops[i], hops[i + 1]], env,
+                                 log_dir / f"relay{i + 1}.log")
+            procs.append((Stage(f"relay{i + 1}", proc.pid, f"http://127.0.0.1:{port}/metrics"), proc))
+        for stage, proc in procs:
+            wait_ready(int(stage.metrics_url.split(":")[2].split("/")[0]), proc)
+        cpu0 = {s.name: cpu_seconds(s.pid) for s, _ in procs}
+        tl = watch(lambda: metric(scrape(procs[0][0].metrics_url), "dp_messages_in_total"),
+                   lambda: metric(scrape(procs[-1][0].metrics_url), "dp_messages_out_total",
+                                  topic=hops[-1]) >= n,
+                   timeout=3600)
+        result = {
+            "ticks": n, "seconds": tl.end - tl.start, "ticks_per_s": n / (tl.end - tl.start),
+            "cpu_us_per_tick": {s.name: (cpu_seconds(s.pid) - cpu0[s.name]) / n * 1e6 for s, _ in procs},
+            "peak_rss_mib": {s.name: peak_rss_mib(s.pid) for s, _ in procs},
+        }
+    finally:
+        for _, proc in procs:
+            proc.send_signal(signal.SIGTERM)
+        for _, proc in procs:
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        admin.delete_topics(hops[1:], operation_timeout=30)
+    return result
+
+
+class UpdateListener:
+    """Collects tick -> Redis latencies and window-close -> final bar delays from `md:updates`."""
+
+    def __init__(self, redis_url: str, channel: str, lateness_ms: int) -> None:
+        import redis  # local import: only the open-loop phase needs it
+
+        self._client = redis.Redis.from_url(redis_url)
+        self._pubsub = self._client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
+        self._pubsub.subscribe(channel)
+        self._lateness_ns = lateness_ms * 10**6
+        self.tick_latency_ms: list[float] = []
+        self.bar_delay_ms: list[float] = []
+        self.recording = False
+        #: only windows ending after this (ns) count: earlier ones closed before the open loop began
+        self.since_ns = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        units = {"s": 10**9, "m": 60 * 10**9, "h": 3600 * 10**9}
+        while not self._stop.is_set():
+            msg = self._pubsub.get_message(timeout=0.2)
+            if not msg or not self.recording:
+                continue
+            now = time.time_ns()
+            data = json.loads(msg["data"])
+            if data.get("type") == "tick" and "ts" in data:
+                self.tick_latency_ms.append((now - int(data["ts"])) / 1e6)
+            elif data.get("type") == "bar" and data.get("is_final"):
+                length = int(data["interval"][:-1]) * units[data["interval"][-1]]
+                end = int(data["window_start"]) * 10**6 + length
+                if end >= self.since_ns:
+                    self.bar_delay_ms.append((now - end - self._lateness_ns) / 1e6)
+
+    def close(self) -> None:
+        """Stop listening."""
+        self._stop.set()
+        self._thread.join(5)
+        self._pubsub.close()
+
+
+def open_loop(bootstrap: str, topic: str, rate: float, seconds: float, instruments_dsn: str,
+              seed: int) -> int:
+    """Send ticks on a fixed schedule (event time = due time); returns how many were sent."""
+    instruments = load_instruments_from_postgres(instruments_dsn)
+    count = int(rate * seconds)
+    cfg = GeneratorConfig(count=count, seed=seed, start_ns=0, step_ns=1, quote_share=0.4,
+                          timestamp_style="ns")
+    producer = Producer({"bootstrap.servers": bootstrap, "partitioner": "murmur2_random", "linger.ms": 1,
+                         "enable.idempotence": True})
+    start = time.time_ns() + 200_000_000
+    for i, tick in enumerate(generate(instruments, cfg)):
+        due = start + int(i * 1e9 / rate)
+        delay = (due - time.time_ns()) / 1e9
+        if delay > 0:
+            time.sleep(delay)
+        body = json.loads(tick.value)
+        body["ts"] = due  # event time = when the tick was due: latency counts from there
+        body.pop("trade_id", None)
+        producer.produce(topic, key=tick.key, value=json.dumps(body).encode())
+        producer.poll(0)
+    producer.flush(60)
+    return count
+
+
+def percentiles(values: list[float]) -> dict[str, float]:
+    """p50/p99/p99.9/max of a sample."""
+    if not values:
+        return {}
+    s = sorted(values)
+
+    def pick(q: float) -> float:
+        return s[min(len(s) - 1, int(q * len(s)))]
+
+    return {"n": len(s), "p50": pick(0.5), "p99": pick(0.99), "p99.9": pick(0.999), "max": s[-1]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark."""
+    parser = argparse.ArgumentParser(prog="python -m dptools.bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ticks", type=int, default=1_000_000)
+    parser.add_argument("--span-minutes", type=float, default=120.0)
+    parser.add_argument("--open-loop-seconds", type=float, default=30.0)
+    parser.add_argument("--rates", default="0.25,0.5,0.75",
+                        help="open-loop rates as shares of the drain rate")
+    parser.add_argument("--redis-db", type=int, default=2, help="Redis database of the benchmark (flushed)")
+    parser.add_argument("--out", type=Path, default=REPO / "bench-results")
+    args = parser.parse_args(argv)
+    env = dict(os.environ)
+    bootstrap, dsn = env["DATA_PROC_KAFKA_BOOTSTRAP"], env["DATA_PROC_POSTGRES_DSN"]
+    redis_url = re.sub(r"/\d+$", f"/{args.redis_db}", env["DATA_PROC_REDIS_URL"])
+    run_id = uuid.uuid4().hex[:8]
+    work = args.out / f"run-{run_id}"
+    partitions = int(env.get("DATA_PROC_TOPICS__PARTITIONS", "6"))
+    lateness_ms = 5_000
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    names = {k: f"bench-{run_id}-{k.lower()}" for k in (
+        "RAW", "NORMALIZED", "ENRICHED", "BARS", "DEADLETTER", "NORMALIZATION_DEDUP_CHANGELOG",
+        "AGGREGATION_WINDOWS_CHANGELOG")}
+    audit = f"bench-{run_id}-audit"
+    create_topics(admin, [*names.values(), audit], partitions,
+                  {names["NORMALIZATION_DEDUP_CHANGELOG"], names["AGGREGATION_WINDOWS_CHANGELOG"]})
+    results: dict[str, Any] = {
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                    "python": platform.python_version(), "host": platform.node()},
+        "ticks": args.ticks, "partitions": partitions, "run_id": run_id,
+    }
+    print(f"pre-producing {args.ticks} ticks to {names['RAW']} ...", flush=True)
+    results["preproduce_seconds"] = preproduce(bootstrap, names["RAW"], args.ticks, args.span_minutes, dsn, 7)
+
+    base = {k: v for k, v in env.items() if k != "DATA_PROC_HTTP__PORT"}
+    base.update({"DATA_PROC_LOG_LEVEL": "WARNING", "DATA_PROC_AUDIT_KAFKA_TOPIC": audit,
+                 "DATA_PROC_CLICKHOUSE_URL": str(work / "chdb"), "DATA_PROC_REDIS_URL": redis_url})
+    base.update({f"DATA_PROC_TOPICS__{k}": v for k, v in names.items()})
+    print("relay chain ...", flush=True)
+    results["relay_chain"] = run_relay_chain(bootstrap, names["RAW"], args.ticks, run_id, base, partitions,
+                                             work / "logs")
+    print(f"  {results['relay_chain']['ticks_per_s']:.0f} ticks/s", flush=True)
+
+    import redis
+
+    redis.Redis.from_url(redis_url).flushdb()
+    pipe = Pipeline(env=base, ports={s: free_port() for s in SERVICES}, run_dir=work / "run",
+                    log_dir=work / "logs")
+    channel = f"bench-{run_id}:updates"
+    base["DATA_PROC_PROJECTION__UPDATES_CHANNEL"] = channel
+    listener = UpdateListener(redis_url, channel, lateness_ms)
+    try:
+        for s in SERVICES:
+            pipe.start(s, {"DATA_PROC_KAFKA__GROUP_ID": f"bench-{run_id}-{s}",
+                           "DATA_PROC_INSTANCE_ID": f"bench-{run_id}-{s}"})
+        for s in SERVICES:
+            pipe.wait_ready(s, 180)
+        pids = {s: pipe.pid(s) or 0 for s in SERVICES}
+        cpu0 = {s: cpu_seconds(p) for s, p in pids.items()}
+        print("drain mode ...", flush=True)
+
+        def url(s: str) -> str:
+            return pipe.url(s, "/metrics")
+
+        def done() -> bool:
+            m = {s: scrape(url(s)) for s in SERVICES}
+            norm_in = metric(m["normalization"], "dp_messages_in_total")
+            normalized = metric(m["normalization"], "dp_messages_out_total", topic=names["NORMALIZED"])
+            enriched = metric(m["enrichment"], "dp_messages_out_total", topic=names["ENRICHED"])
+            bars = metric(m["aggregation"], "dp_messages_out_total", topic=names["BARS"])
+            return (norm_in >= args.ticks
+                    and metric(m["enrichment"], "dp_messages_in_total") >= normalized
+                    and metric(m["aggregation"], "dp_messages_in_total") >= enriched
+                    and metric(m["projection"], "dp_messages_in_total", topic=names["ENRICHED"]) >= enriched
+                    and metric(m["projection"], "dp_messages_in_total", topic=names["BARS"]) >= bars
+                    and enriched > 0)
+
+        tl = watch(lambda: metric(scrape(url("normalization")), "dp_messages_in_total"), done, 7200)
+        drain_rate = args.ticks / (tl.end - tl.start)
+        results["pipeline_drain"] = {
+            "ticks": args.ticks, "seconds": tl.end - tl.start, "ticks_per_s": drain_rate,
+            "ratio_to_relay_chain": drain_rate / results["relay_chain"]["ticks_per_s"],
+            "cpu_us_per_tick": {s: (cpu_seconds(p) - cpu0[s]) / args.ticks * 1e6 for s, p in pids.items()},
+        }
+        print(f"  {drain_rate:.0f} ticks/s, ratio {results['pipeline_drain']['ratio_to_relay_chain']:.2f}",
+              flush=True)
+
+        results["open_loop"] = []
+        for share in (float(x) for x in args.rates.split(",")):
+            rate = share * drain_rate
+            print(f"open loop at {share:.0%} of the drain rate ({rate:.0f} ticks/s) ...", flush=True)
+            listener.tick_latency_ms.clear()
+            listener.bar_delay_ms.clear()
+            listener.since_ns = time.time_ns()
+            listener.recording = True
+            sent = open_loop(bootstrap, names["RAW"], rate, args.open_loop_seconds, dsn, int(share * 100))
+            pipe.wait_drained(timeout=300, settle=2)
+            listener.recording = False
+            entry = {"share_of_drain": share, "rate": rate, "sent": sent,
+                     "tick_to_redis_ms": percentiles(listener.tick_latency_ms),
+                     "window_close_to_final_bar_ms": percentiles(listener.bar_delay_ms)}
+            results["open_loop"].append(entry)
+            print(f"  tick->redis {entry['tick_to_redis_ms']}", flush=True)
+            print(f"  window close->final bar {entry['window_close_to_final_bar_ms']}", flush=True)
+        results["peak_rss_mib"] = {s: peak_rss_mib(p) for s, p in pids.items()}
+        results["cpu_us_per_tick_total_run"] = None
+    finally:
+        listener.close()
+        pipe.stop_all()
+        admin.delete_topics([*names.values(), audit], operation_timeout=30)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    path = args.out / f"bench-{stamp}.json"
+    path.write_text(json.dumps(results, indent=2))
+    plot(results, path.with_suffix(".png"))
+    print(f"results: {path} and {path.with_suffix('.png')}")
+    return 0
+
+
+def plot(results: dict[str, Any], path: Path) -> None:
+    """Throughput next to the relay chain, and latency percentiles per open-loop rate."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    names = ["relay chain", "pipeline"]
+    values = [results["relay_chain"]["ticks_per_s"], results["pipeline_drain"]["ticks_per_s"]]
+    ax1.bar(names, values, color=["#888888", "#1f77b4"])
+    ax1.set_ylabel("ticks/s (drain mode)")
+    ax1.set_title(f"Throughput, {results['ticks']:,} ticks, {results['machine']['cpus']} cores")
+    for i, v in enumerate(values):
+        ax1.text(i, v, f"{v:,.0f}", ha="center", va="bottom")
+    rows = results.get("open_loop", [])
+    labels = [f"{r['share_of_drain']:.0%}\n{r['rate']:,.0f}/s" for r in rows]
+    for q, color in (("p50", "#2ca02c"), ("p99", "#ff7f0e"), ("p99.9", "#d62728")):
+        ax2.plot(labels, [r["tick_to_redis_ms"].get(q, float("nan")) for r in rows], marker="o", label=q,
+                 color=color)
+    ax2.set_yscale("log")
+    ax2.set_ylabel("tick -> Redis latency, ms")
+    ax2.set_title("Open loop (share of drain rate)")
+    ax2.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
