@@ -485,19 +485,28 @@ class KafkaLoop:
     def _with_headers(self, out: OutRecord, source: InRecord | None) -> OutRecord:
         if source is None:
             return out
-        names = {k for k, _ in out.headers}
-        extra: list[tuple[str, bytes]] = []
-        if CORRELATION_HEADER not in names:
-            cid = source.header(CORRELATION_HEADER)
-            if cid is None:
-                cid = f"{source.topic}-{source.partition}-{source.offset}".encode()
-            extra.append((CORRELATION_HEADER, cid))
-        if INGEST_TIME_HEADER not in names:
-            ingest = source.header(INGEST_TIME_HEADER)
-            extra.append((INGEST_TIME_HEADER,
-                          ingest if ingest is not None else str(source.timestamp_ms * 1_000_000).encode()))
-        if not extra:
+        has_cid = has_ingest = False
+        for name, _ in out.headers:
+            if name == CORRELATION_HEADER:
+                has_cid = True
+            elif name == INGEST_TIME_HEADER:
+                has_ingest = True
+        if has_cid and has_ingest:
             return out
+        extra: list[tuple[str, bytes]] = []
+        cid = ingest = None
+        for name, value in source.headers:
+            if name == CORRELATION_HEADER and cid is None:
+                cid = value
+            elif name == INGEST_TIME_HEADER and ingest is None:
+                ingest = value
+        if not has_cid:
+            extra.append((CORRELATION_HEADER,
+                          cid if cid is not None else b"%s-%d-%d" % (source.topic.encode(), source.partition,
+                                                                      source.offset)))
+        if not has_ingest:
+            extra.append((INGEST_TIME_HEADER,
+                          ingest if ingest is not None else b"%d" % (source.timestamp_ms * 1_000_000)))
         return OutRecord(topic=out.topic, key=out.key, value=out.value, partition=out.partition,
                          headers=out.headers + tuple(extra), source=source)
 
@@ -734,16 +743,15 @@ class _Metrics:
             m.record_batch(len(batch.records), seconds)
         per_topic: dict[str, int] = {}
         now_ns = int(now_s * 1e9)
+        ingest_h = m.child(m.ingest_latency)
+        event_h = m.child(m.event_latency)
         for out in produced.outputs:
             per_topic[out.topic] = per_topic.get(out.topic, 0) + 1
-            event_ns = ingest_ns = None
             for name, value in out.headers:
                 if name == INGEST_TIME_HEADER:
-                    ingest_ns = _int_or_none(value)
+                    _observe_ns(ingest_h, now_ns, value)
                 elif name == EVENT_TIME_HEADER:
-                    event_ns = _int_or_none(value)
-            if event_ns is not None or ingest_ns is not None:
-                m.record_latencies(event_ns, ingest_ns, now_ns)
+                    _observe_ns(event_h, now_ns, value)
         for topic, n in per_topic.items():
             m.record_out(topic, n)
         for dl in produced.dead_letters:
@@ -768,8 +776,9 @@ class _Metrics:
         self._m.heartbeat(now_s)
 
 
-def _int_or_none(raw: bytes) -> int | None:
+def _observe_ns(histogram: Any, now_ns: int, raw: bytes) -> None:
     try:
-        return int(raw)
+        then = int(raw)
     except ValueError:
-        return None
+        return
+    histogram.observe(max(0.0, (now_ns - then) / 1e9))
