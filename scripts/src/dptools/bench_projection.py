@@ -243,6 +243,8 @@ async def bench(count: int, partitions: int, spread: int = 1) -> dict[str, Any]:
             "ratio": round(relay_s / proj_s, 3),
             "redis_writes": _redis_writes(metrics),
             "redis_flushes": processor.flushes,
+            "projection_process_s": round(processor.process_seconds, 2),
+            "projection_flush_s": round(processor.flush_seconds, 2),
             "machine": f"{platform.machine()} {platform.system()} {platform.python_version()}",
         }
     finally:

@@ -123,7 +123,10 @@ class ProjectionProcessor:
         self._monotonic = monotonic
         self._pending = PendingWrites()
         self._next_ping = 0.0
+        #: Flushes done, and wall seconds spent decoding (`process`) and writing to Redis (`before_commit`).
         self.flushes = 0
+        self.process_seconds = 0.0
+        self.flush_seconds = 0.0
 
     async def start(self) -> None:
         """Load the scripts and check Redis; an unavailable Redis is reported, not fatal."""
@@ -155,7 +158,9 @@ class ProjectionProcessor:
 
     async def process(self, batch: list[InRecord]) -> BatchResult:
         """Decode the batch into pending Redis writes; undecodable or unusable records are dead letters."""
+        started = time.perf_counter()
         dead = project_records(batch, self._topics, avro.decode, self._pending, self._opts.max_final_bars)
+        self.process_seconds += time.perf_counter() - started
         return BatchResult(dead_letters=dead)
 
     async def on_tick(self) -> BatchResult:
@@ -170,6 +175,7 @@ class ProjectionProcessor:
         """Apply the batch's writes to Redis, retrying with backoff; `RedisUnavailable` at the deadline."""
         if not self._pending:
             return BatchResult()
+        started = time.perf_counter()
         writes = self._pending.writes()
         deadline = self._monotonic() + self._opts.flush_deadline_s
         next_delay = backoff_delays(self._opts.retry_initial_ms / 1000, self._opts.retry_max_ms / 1000)
@@ -194,6 +200,7 @@ class ProjectionProcessor:
         self._metrics.record(outcome)
         self._pending.clear()
         self.flushes += 1
+        self.flush_seconds += time.perf_counter() - started
         return BatchResult()
 
     async def on_abort(self) -> None:
