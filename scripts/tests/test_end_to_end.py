@@ -29,6 +29,7 @@ from confluent_kafka import Producer
 from dataproc_shared import avro
 from dataproc_shared.partitioning import partition_for
 from dataproc_shared.records import InRecord
+from dptools.deploytools import PrometheusServer, overview_queries, write_local_config
 from dptools.pipeline import Pipeline, http_get
 from dptools.reference import Arrival, RefBar, compute, diff_bars
 from dptools.ticks import GeneratorConfig, Instrument, RawTick, Tag, generate
@@ -110,8 +111,11 @@ def chain(topic_factory: Callable[..., str], kafka_bootstrap: str, pg_database: 
                     run_dir=tmp_path / "run", log_dir=tmp_path / "logs")
     per_service = {s: {"DATA_PROC_KAFKA__GROUP_ID": f"{prefix}-{s}", "DATA_PROC_INSTANCE_ID": f"{prefix}-{s}"}
                    for s in pipe.services}
+    cleanup: list[Callable[[], None]] = []
     yield {"prefix": prefix, "topics": topics, "pipe": pipe, "per_service": per_service,
-           "redis_url": redis_url, "bootstrap": kafka_bootstrap}
+           "redis_url": redis_url, "bootstrap": kafka_bootstrap, "tmp": tmp_path, "cleanup": cleanup}
+    for step in cleanup:
+        step()
     pipe.stop_all()
     client = redis.Redis.from_url(redis_url)
     for key in client.scan_iter(match=f"md:*{prefix}*", count=1000):
@@ -179,6 +183,10 @@ def test_generated_stream_through_the_whole_chain(chain: dict[str, Any],
         pipe.start(service, chain["per_service"][service])
     for service in pipe.services:
         pipe.wait_ready(service, 180)
+    # a real Prometheus scrapes the four services during the run (the overview dashboard's queries)
+    prometheus = PrometheusServer(write_local_config(chain["tmp"], dict(pipe.ports)))
+    prometheus.start()
+    chain["cleanup"].append(prometheus.stop)
 
     reference = compute(expected_arrivals(ticks, prefix), INTERVALS, LATENESS_MS * 10**6)
     expected_finals = len(reference.bars)
@@ -251,6 +259,16 @@ def test_generated_stream_through_the_whole_chain(chain: dict[str, Any],
     assert duplicates == tags[Tag.DUPLICATE]
     assert normalized + normalization_dead + duplicates == len(ticks)
     assert enriched + by_reason[("enrichment", "unknown_instrument")] + inactive_sent == normalized
+
+    # 5. the overview dashboard's main queries return data for every stage from a real Prometheus
+    prometheus.wait_for_targets(up=4)
+    queries = overview_queries(window="2m")
+    for title in ("Input per stage (records in/s)", "Throughput per stage (records out/s)", "Stages up",
+                  "Consumer lag", "Dependency health"):
+        services = {sample.labels.get("service", "") for sample in prometheus.query(queries[title])}
+        # projection writes to Redis, not to a topic: it has no Kafka output to show
+        expected = set(pipe.services) - ({"projection"} if "out/s" in title else set())
+        assert expected <= services, f"{title}: only {services}"
 
 
 def _metric_sum(pipe: Pipeline, service: str, name: str) -> int:
