@@ -354,3 +354,42 @@ async def test_not_ready_and_nothing_decided_until_the_first_load(
     found = await asyncio.to_thread(_read, consume_all, topics, len(ticks))
     assert sorted(o.n for o in found) == list(range(len(ticks)))
     assert Counter(o.kind for o in found) == {"enriched": 30, "unknown_instrument": 1}
+
+
+async def test_hold_longer_than_the_poll_interval_loses_and_duplicates_nothing(
+    refdata_dsn: str,
+    pg_proxy: TcpProxy,
+    topics: dict[str, str],
+    service_factory: Callable[..., ServiceProcess],
+    consume_all: Callable[..., list[InRecord]],
+    kafka_bootstrap: str,
+) -> None:
+    service = service_factory(
+        with_port(refdata_dsn, "127.0.0.1", pg_proxy.port),
+        DATA_PROC_LOOP__MAX_POLL_INTERVAL_MS="6000",
+        DATA_PROC_LOOP__SESSION_TIMEOUT_MS="6000",
+    )
+    await asyncio.to_thread(service.wait_ready)
+    pg_proxy.cut()
+    await asyncio.to_thread(
+        wait_for,
+        lambda: service.health()["dependencies"]["postgres"]["status"] == "down",
+        15,
+        "postgres down",
+    )
+    ticks = [tick(*KNOWN[n % len(KNOWN)], n) for n in range(40)] + [tick("XNYS", "NOPE", 40)]
+    ticks += [tick(*KNOWN[n % len(KNOWN)], n) for n in range(41, 80)]
+    await asyncio.to_thread(produce_ticks, kafka_bootstrap, topics["normalized"], PARTITIONS, ticks)
+    await asyncio.sleep(13)  # held well past max.poll.interval.ms: the consumer leaves its group
+    pg_proxy.restore()
+    await asyncio.to_thread(_read, consume_all, topics, len(ticks))
+    await asyncio.sleep(2)
+    records = await asyncio.to_thread(consume_all, [topics["enriched"], topics["deadletter"]], timeout=60)
+    found = outcomes(
+        [r for r in records if r.topic == topics["enriched"]],
+        [r for r in records if r.topic == topics["deadletter"]],
+    )
+    assert len(found) == len(ticks)
+    assert sorted(o.n for o in found) == list(range(len(ticks)))
+    assert Counter(o.kind for o in found) == {"enriched": 79, "unknown_instrument": 1}
+    service.check_running()

@@ -124,6 +124,7 @@ class ReferenceStore:
         self._last_error = ""
         self._reconnects = 0
         self._was_up = False
+        self._failures = 0
 
     # ---- state --------------------------------------------------------------------------------
 
@@ -207,7 +208,8 @@ class ReferenceStore:
             except asyncio.CancelledError:
                 raise
             except _DB_ERRORS as exc:
-                self._mark_down(exc)
+                self._mark_down(exc, attempt=self._failures)
+                self._failures += 1
             finally:
                 self._current.clear()
                 self._connected = False
@@ -218,7 +220,7 @@ class ReferenceStore:
             if self._was_up:
                 backoff = self._options.backoff_initial_s
             delay = backoff * random.uniform(0.8, 1.2)  # noqa: S311 - jitter, not cryptography
-            log.info("reference store reconnecting", delay_s=round(delay, 3))
+            log.debug("reference store reconnecting", delay_s=round(delay, 3), attempt=self._failures)
             await asyncio.sleep(delay)
             backoff = min(backoff * 2, self._options.backoff_max_s)
             self._reconnects += 1
@@ -236,6 +238,7 @@ class ReferenceStore:
             self._loading = False
         self._connected = True
         self._was_up = True
+        self._failures = 0
         self._last_error = ""
         self._current.set()
         log.info(
@@ -308,7 +311,7 @@ class ReferenceStore:
             self._emit([applied], "notify")
 
     def _emit(self, changes: list[AppliedChange], source: str) -> None:
-        for change in changes:
+        for change in changes if source != "initial" else ():
             log.info(
                 "reference change applied",
                 table=change.table.value,
@@ -319,12 +322,15 @@ class ReferenceStore:
         if self._on_changes is not None:
             self._on_changes(changes, source)
 
-    def _mark_down(self, exc: BaseException) -> None:
+    def _mark_down(self, exc: BaseException, *, attempt: int) -> None:
+        """Record a failed connection; warn on the first failure of an outage, then every 30th."""
         self._last_error = _describe(exc)
-        log.warning(
+        emit = log.warning if attempt % 30 == 0 else log.debug
+        emit(
             "reference database unavailable; serving from cache",
             error=self._last_error,
             loaded=self.loaded,
+            attempt=attempt + 1,
         )
 
 
