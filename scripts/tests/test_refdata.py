@@ -13,7 +13,7 @@ import asyncpg
 import pytest
 from dptools.refdata import SEED_DIR, SeedError, load, main, read_seed
 
-DATA = Path("/work/shared/data")
+DATA = Path(__file__).resolve().parents[3] / "shared" / "data"  # ../shared/data next to the repository
 MONTH_CODES = "FGHJKMNQUVXZ"
 
 
