@@ -98,3 +98,53 @@ async def test_serve_refuses_to_start_without_its_topics(kafka_bootstrap: str,
     missing = f"no-such-topic-{uuid.uuid4().hex}"
     result = await asyncio.wait_for(serve(settings, PassthroughProcessor("x"), input_topics=[missing]), 60)
     assert result == (1, False)
+
+
+class SlowSinkPassthrough(PassthroughProcessor):
+    """Pass-through whose first `before_commit` (a sink flush) takes longer than max.poll.interval.ms."""
+
+    def __init__(self, output_topic: str, delay_s: float) -> None:
+        super().__init__(output_topic)
+        self.delay_s = delay_s
+        self.flushes = 0
+
+    async def before_commit(self) -> BatchResult:
+        self.flushes += 1
+        if self.flushes == 1:
+            await asyncio.sleep(self.delay_s)
+        return BatchResult()
+
+
+async def test_a_slow_sink_pauses_consumption_without_losing_the_group(
+    topic_factory: Callable[..., str], kafka_bootstrap: str, consume_all: Callable[..., list[InRecord]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    source, sink = topic_factory("slow-in", 2), topic_factory("slow-out", 2)
+    producer = Producer({"bootstrap.servers": kafka_bootstrap})
+    for i in range(40):
+        producer.produce(source, b"v%d" % i, b"K%d" % (i % 4))
+    assert producer.flush(30) == 0
+    monkeypatch.setenv("DATA_PROC_AUDIT_ENABLED", "false")
+    settings = load_settings(service="svcslow", instance_id=uuid.uuid4().hex[:8],
+                             kafka_bootstrap=kafka_bootstrap, http={"host": "127.0.0.1", "port": 0},
+                             kafka={"group_id": f"slow-{uuid.uuid4().hex}"},
+                             loop={"batch_size": 10, "session_timeout_ms": 6000,
+                                   "max_poll_interval_ms": 7000})
+    processor = SlowSinkPassthrough(sink, delay_s=12.0)
+    contexts: list[ServiceContext] = []
+
+    def factory(ctx: ServiceContext) -> SlowSinkPassthrough:
+        contexts.append(ctx)
+        return processor
+
+    stop = asyncio.Event()
+    task = asyncio.create_task(serve(settings, factory, input_topics=[source], stop=stop))
+    outputs = await asyncio.to_thread(consume_all, [sink], expected=40, timeout=90)
+    registry = contexts[0].metrics.registry
+    stop.set()
+    assert await asyncio.wait_for(task, 30) == (0, False)
+    assert sorted(r.value or b"" for r in outputs) == sorted(b"v%d" % i for i in range(40))
+    assert registry.get_sample_value("dp_transactions_total",
+                                     {"service": "svcslow", "outcome": "aborted"}) is None
+    assert registry.get_sample_value("dp_rebalances_total", {"service": "svcslow", "kind": "revoke"}) is None
+    assert processor.flushes > 1

@@ -4,7 +4,8 @@
 blocking librdkafka call runs in a worker thread (`asyncio.to_thread`) so the health server stays
 responsive. One cycle:
 
-1. consume up to `loop.batch_size` records (waiting at most `loop.batch_timeout_ms`);
+1. consume up to `loop.batch_size` records: wait at most `loop.batch_timeout_ms` for the first one,
+   then take what the consumer has already fetched, without waiting for the batch to fill;
 2. `processor.process(batch)`, plus `processor.on_tick()` every `loop.tick_interval_ms` (also with
    no input);
 3. produce outputs (`OutRecord.partition` when set, else by key with the murmur2 partitioner, as
@@ -39,8 +40,10 @@ were revoked, or are rewound).
 
 Backpressure: when the producer queue holds more than `loop.pause_records` records, the assigned
 partitions are paused and the producer drained to `loop.resume_records` before consuming again;
-the consumer's own prefetch is bounded by `queued.max.messages.kbytes`. A slow `before_commit`
-(sink) holds the cycle, so nothing more is consumed meanwhile: memory stays bounded by one batch.
+the consumer's own prefetch is bounded by `queued.max.messages.kbytes`. A slow `process` or
+`before_commit` (sink) holds the cycle, so nothing more is consumed meanwhile (memory stays bounded
+by one batch); after a third of `max.poll.interval.ms` the partitions are paused and the consumer is
+polled to keep its group membership until the step finishes (`_guarded`).
 
 Headers: `dp-correlation-id` and `dp-ingest-ns` are copied from an output's source record
 (`OutRecord.source`, else the input of the same key in the batch) when the processor did not set
@@ -53,10 +56,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable, Collection, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, TypeVar
 
 import structlog
 from confluent_kafka import (
@@ -98,11 +101,14 @@ PRODUCER_RESTART_WINDOW_S = 300.0
 LAG_INTERVAL_S = 10.0
 #: Timeout of one blocking transactional call before it is retried (librdkafka needs a finite one).
 TXN_CALL_TIMEOUT_S = 30.0
+#: Longest wait between keep-alive polls while a slow processor step runs.
+KEEPALIVE_MAX_S = 30.0
 #: How often a retriable error is retried before the cycle is aborted.
 RETRIES = 5
 
 _FENCED_CODES = frozenset({KafkaError._FENCED, KafkaError.PRODUCER_FENCED, KafkaError.INVALID_PRODUCER_EPOCH})
 
+T = TypeVar("T")
 ErrorClass = Literal["retriable", "abortable", "fatal"]
 RebalanceKind = Literal["assign", "revoke", "lost"]
 TP = tuple[str, int]
@@ -214,6 +220,7 @@ class KafkaLoop:
         self._failures = 0
         self._delivery_errors: list[str] = []
         self.committed_cycles = 0
+        self.paused_for_slow_steps = 0
 
     @property
     def _c(self) -> Consumer:
@@ -312,9 +319,7 @@ class KafkaLoop:
         consumer = self._c
         self._heartbeat()
         await self._backpressure()
-        msgs: list[Message] = await asyncio.to_thread(
-            consumer.consume, self._opts.batch_size, self._opts.batch_timeout_ms / 1000
-        )
+        msgs = await asyncio.to_thread(self._consume, consumer)
         if self._events:
             await self._handle_rebalance(msgs)
             return
@@ -333,6 +338,18 @@ class KafkaLoop:
         if now >= self._next_lag:
             self._next_lag = now + LAG_INTERVAL_S
             await asyncio.to_thread(self._update_lag)
+
+    def _consume(self, consumer: Consumer) -> list[Message]:
+        """Wait up to `batch_timeout_ms` for the first record, then add what is already fetched.
+
+        The batch is never held back waiting to fill up: under a backlog the prefetched queue fills
+        it at once, under light load a record is processed as soon as it arrives (latency), and
+        records that arrive while a cycle commits make the next batch (batching follows load).
+        """
+        msgs: list[Message] = consumer.consume(1, self._opts.batch_timeout_ms / 1000)
+        if msgs and self._opts.batch_size > 1:
+            msgs.extend(consumer.consume(self._opts.batch_size - 1, 0))
+        return msgs
 
     def _heartbeat(self) -> None:
         self._metrics.tick(self._clock())
@@ -363,7 +380,7 @@ class KafkaLoop:
 
     async def _process(self, records: list[InRecord]) -> BatchResult:
         try:
-            return await self._processor.process(records)
+            return await self._guarded(self._processor.process(records), "process")
         except Exception as exc:
             log.warning("process failed, redoing the batch record by record", service=self._service,
                         records=len(records), error=repr(exc))
@@ -408,7 +425,7 @@ class KafkaLoop:
         records = self._collect(batch, result, produced, failed_at)
         await asyncio.to_thread(self._produce_all, records)
         try:
-            extra = await self._processor.before_commit()
+            extra = await self._guarded(self._processor.before_commit(), "before_commit")
         except Exception as exc:
             raise _CycleFailed("abortable", f"before_commit: {exc!r}") from exc
         extra_records = self._collect(batch, extra, produced, failed_at)
@@ -599,9 +616,13 @@ class KafkaLoop:
         raise LoopFatalError("producer could not be recreated")
 
     def _rewind(self) -> None:
-        """Seek every assigned partition back to its committed offset (the start of the failed cycle)."""
+        """Seek every assigned partition back to its committed offset (the start of the failed cycle).
+
+        With a rebalance pending (served during a keep-alive poll) there is nothing to rewind: the
+        new assignment starts from the committed offsets.
+        """
         consumer = self._c
-        if not self._assigned:
+        if not self._assigned or self._events:
             return
         tps = [TopicPartition(t, p) for t, p in sorted(self._assigned)]
         committed = self._retry(lambda: consumer.committed(tps, timeout=TXN_CALL_TIMEOUT_S), "committed")
@@ -655,6 +676,49 @@ class KafkaLoop:
         if fresh:
             await asyncio.to_thread(consumer.resume, [TopicPartition(t, p) for t, p in sorted(fresh)])
         self._listener.assigned(frozenset(self._assigned))
+
+    # ---- slow steps: keep the group membership while consumption is paused ---------------------
+
+    async def _guarded(self, step: Awaitable[T], what: str) -> T:
+        """Await a processor step; when it is slow, pause consumption and keep polling.
+
+        A slow sink (in `before_commit`) or transform must not cost the group membership
+        (`max.poll.interval.ms`): after a third of that interval the assigned partitions are paused
+        and the consumer is polled periodically (no records are delivered while paused) until the
+        step finishes, then they are resumed. A rebalance served meanwhile makes the transaction's
+        offset commit fail (stale generation), which rolls the cycle back as usual.
+        """
+        task = asyncio.ensure_future(step)
+        interval = min(self._opts.max_poll_interval_ms / 3000, KEEPALIVE_MAX_S)
+        paused: list[TopicPartition] = []
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=interval)
+                if done:
+                    return task.result()
+                if not paused and self._assigned:
+                    paused = [TopicPartition(t, p) for t, p in sorted(self._assigned)]
+                    await asyncio.to_thread(self._c.pause, paused)
+                    self.paused_for_slow_steps += 1
+                    log.info("slow step: consumption paused", service=self._service, step=what,
+                             partitions=len(paused))
+                await asyncio.to_thread(self._keepalive_poll)
+        finally:
+            if not task.done():
+                task.cancel()
+            if paused and not self._events:
+                with contextlib.suppress(KafkaException):
+                    await asyncio.to_thread(self._c.resume, paused)
+
+    def _keepalive_poll(self) -> None:
+        msg = self._c.poll(0)
+        if msg is None or msg.error() is not None:
+            return
+        topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
+        if topic is not None and partition is not None and offset is not None:
+            # Not expected while paused; put it back so the next cycle reads it again.
+            with contextlib.suppress(KafkaException):
+                self._c.seek(TopicPartition(topic, partition, offset))
 
     # ---- backpressure, lag --------------------------------------------------------------------
 
