@@ -132,28 +132,43 @@ def test_exactly_once_survives_kill_9(
     values[211] = b"CRASH"
     sent = produce_inputs(kafka_bootstrap, env["APP_INPUT"], values)
     expected = expected_outputs(sent)
-    app = app_factory(**env, APP_SLEEP_S="0.05", DATA_PROC_LOOP__BATCH_SIZE="15")
+    app = app_factory(**env, APP_SLEEP_S="0.15", DATA_PROC_LOOP__BATCH_SIZE="15")
+    total = sum(expected.values())
 
+    def committed() -> int:
+        return len(consume_all([env["APP_OUTPUT"]], timeout=30))
+
+    # Kill points: once a number of outputs is committed (mid-stream), and once shortly after start
+    # (during group join / state restore).
     seen_progress: list[int] = []
-    for delay in (3.0, 1.5, 2.0, 1.0):
+    for kind, point in (("outputs", 40), ("seconds", 0.8), ("outputs", 150), ("outputs", 260)):
         app.start()
-        time.sleep(delay)
+        if kind == "outputs":
+            wait_for(lambda point=point: committed() >= point, 90, f"{point} outputs")
+        else:
+            time.sleep(point)
         app.kill()
-        seen_progress.append(len(consume_all([env["APP_OUTPUT"]], timeout=30)))
+        seen_progress.append(committed())
     app.start()
-    wait_for(lambda: len(consume_all([env["APP_OUTPUT"]], timeout=30)) >= sum(expected.values()), 90,
-             "all outputs")
+    wait_for(lambda: committed() >= total, 90, "all outputs")
     assert app.terminate() == 0, app.log()
 
     outputs = consume_all([env["APP_OUTPUT"]], timeout=30)
     assert pairs(outputs) == expected, app.log()
-    # Outputs kept the input partition and per-key order.
+    # Outputs kept the input partition and, per key, the input order (counts 1, 2, 3, ... by offset).
+    inputs = consume_all([env["APP_INPUT"]], timeout=30)
+    partition_of = {r.key: r.partition for r in inputs}
+    assert all(r.partition == partition_of[r.key] for r in outputs)
+    for key in partition_of:
+        counts = [int((r.value or b"").rsplit(b"|", 1)[1]) for r in sorted(outputs, key=lambda r: r.offset)
+                  if r.key == key]
+        assert counts == list(range(1, len(counts) + 1))
     dead = [decode_dead_letter(r.value or b"") for r in consume_all([env["DATA_PROC_TOPICS__DEADLETTER"]])]
     assert sorted(d["payload"] for d in dead) == [b"CRASH", b"POISON"]
     assert {d["reason"] for d in dead} == {"bad_field", "processing_error"}
     # The kills really landed mid-stream: some but not all outputs were committed before the last one.
-    assert min(seen_progress) > 0, seen_progress
-    assert max(seen_progress[:-1]) < sum(expected.values()), seen_progress
+    assert seen_progress[0] >= 40, seen_progress
+    assert seen_progress[-1] < total, seen_progress
 
 
 def test_sigterm_mid_batch_commits_and_restart_adds_nothing(
