@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 
 import pytest
@@ -96,3 +97,26 @@ async def test_restore_reads_committed_state_and_reload_forgets_uncommitted(
     await empty.restore([0])
     assert empty.partitions == {0}
     assert list(empty.items(0)) == []
+
+
+@pytest.mark.integration
+async def test_restore_waits_for_an_open_transaction_on_the_changelog(
+    topic_factory: Callable[..., str], kafka_bootstrap: str,
+) -> None:
+    topic = topic_factory("state-open", 1, {"cleanup.policy": "compact"})
+    producer = Producer({"bootstrap.servers": kafka_bootstrap, "transactional.id": f"tx-{topic}"})
+    producer.init_transactions(30)
+    producer.begin_transaction()
+    producer.produce(topic, b"1", b"before", partition=0)
+    producer.commit_transaction(30)
+    producer.begin_transaction()
+    producer.produce(topic, b"2", b"pending", partition=0)
+    assert producer.flush(10) == 0
+
+    reader = store(topic=topic, bootstrap=kafka_bootstrap)
+    restoring = asyncio.create_task(reader.restore([0]))
+    await asyncio.sleep(1.5)
+    assert not restoring.done()  # the open transaction's outcome is not known yet
+    await asyncio.to_thread(producer.commit_transaction, 30)
+    await asyncio.wait_for(restoring, 30)
+    assert dict(reader.items(0)) == {"before": 1, "pending": 2}

@@ -196,6 +196,9 @@ class ChangelogStore:
                 return out
             consumer.assign(to_read)
             deadline = time.monotonic() + self._restore_timeout_s
+            # Partitions read up to their last stable offset; the end counts only once no open
+            # transaction lies beyond it (its records may still be committed: wait for the outcome).
+            at_stable_end: set[int] = set()
             while remaining:
                 if time.monotonic() > deadline:
                     raise StateRestoreError(
@@ -206,15 +209,26 @@ class ChangelogStore:
                     err = msg.error()
                     if err is not None:
                         if err.code() == KafkaError._PARTITION_EOF:
-                            remaining.discard(msg.partition())
+                            at_stable_end.add(msg.partition() or 0)
                             continue
                         raise StateRestoreError(f"reading changelog {self._topic}: {err}")
                     key, part = msg.key(), msg.partition()
                     if key is None or part is None:
                         continue
                     self.apply(out, part, key, msg.value())
+                for part in sorted(at_stable_end):
+                    if self._settled(consumer, part):
+                        at_stable_end.discard(part)
+                        remaining.discard(part)
         except KafkaException as exc:
             raise StateRestoreError(f"reading changelog {self._topic}: {exc}") from exc
         finally:
             consumer.close()
         return out
+
+    def _settled(self, consumer: Consumer, partition: int) -> bool:
+        """Whether the position reached the high watermark (no open transaction beyond it)."""
+        tp = TopicPartition(self._topic, partition)
+        position = consumer.position([tp])[0].offset
+        cached = consumer.get_watermark_offsets(tp, cached=True)
+        return cached is None or cached[1] < 0 or position >= cached[1]

@@ -431,6 +431,10 @@ class KafkaLoop:
         extra_records = self._collect(batch, extra, produced, failed_at)
         audit_records = self._audit_records(batch, produced)
         await asyncio.to_thread(self._produce_all, extra_records + audit_records)
+        if self._events:
+            # A keep-alive poll served a rebalance: the partitions may have a new owner already,
+            # which must not see this cycle half-way. Roll back; the next cycle applies the change.
+            raise _CycleFailed("abortable", "rebalance during the cycle")
         if self._exactly_once:
             await asyncio.to_thread(self._commit_transaction, batch.offsets())
         else:
@@ -749,7 +753,8 @@ class KafkaLoop:
                     continue
                 low, high = wm
                 pos = tp.offset if tp.offset >= 0 else low
-                self._metrics.lag(tp.topic, tp.partition, max(0, high - pos))
+                if high >= 0 and pos >= 0:
+                    self._metrics.lag(tp.topic, tp.partition, max(0, high - pos))
         except KafkaException as exc:
             log.info("lag update failed", service=self._service, error=str(exc))
 
