@@ -11,7 +11,8 @@ DOC = Path(__file__).resolve().parents[2] / "docs" / "metrics.md"
 
 def documented() -> dict[str, tuple[str, set[str]]]:
     rows = {}
-    for line in DOC.read_text().splitlines():
+    shared_section = DOC.read_text().split("## Service-specific metrics")[0]
+    for line in shared_section.splitlines():
         m = re.match(r"\|\s*`(dp_\w+)`\s*\|\s*(\w+)\s*\|\s*([^|]*)\|", line)
         if m:
             column = re.sub(r"\([^)]*\)", "", m.group(3))
