@@ -405,7 +405,7 @@ def _epoch_to_ns(number: Decimal) -> int:
             scale = unit_scale
             break
     ns = int((number * scale).to_integral_value(rounding=ROUND_HALF_EVEN))
-    if ns > _INT64_MAX:
+    if not 0 < ns <= _INT64_MAX:  # a tiny positive number rounds to 0 ns
         raise _Reject(DeadLetterReason.BAD_TIMESTAMP, "epoch ts out of range")
     return ns
 

@@ -33,6 +33,13 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaExcepti
 from dataproc_shared.errors import DataProcError
 from dataproc_shared.records import OutRecord
 
+#: Broker errors that pass once leadership settles (e.g. right after a broker restart).
+_TRANSIENT = frozenset({
+    KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE, KafkaError.REQUEST_TIMED_OUT,
+    KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_DOWN, KafkaError._TIMED_OUT,
+    KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError.NOT_COORDINATOR,
+})
+
 Codec = Literal["json", "bytes"]
 
 log = structlog.get_logger(__name__)
@@ -188,7 +195,7 @@ class ChangelogStore:
         try:
             to_read: list[TopicPartition] = []
             for partition in partitions:
-                low, high = consumer.get_watermark_offsets(TopicPartition(self._topic, partition), timeout=10)
+                low, high = self._watermarks(consumer, partition)
                 if high > low:
                     to_read.append(TopicPartition(self._topic, partition, OFFSET_BEGINNING))
             remaining = {tp.partition for tp in to_read}
@@ -232,3 +239,21 @@ class ChangelogStore:
         position = consumer.position([tp])[0].offset
         cached = consumer.get_watermark_offsets(tp, cached=True)
         return cached is None or cached[1] < 0 or position >= cached[1]
+
+    def _watermarks(self, consumer: Consumer, partition: int) -> tuple[int, int]:
+        """Low and high offsets of a changelog partition.
+
+        Transient broker errors (a leader moving after a broker restart) are retried until the restore
+        timeout.
+        """
+        deadline = time.monotonic() + self._restore_timeout_s
+        while True:
+            try:
+                low, high = consumer.get_watermark_offsets(TopicPartition(self._topic, partition), timeout=10)
+                return int(low), int(high)
+            except KafkaException as exc:
+                err = exc.args[0] if exc.args else None
+                transient = isinstance(err, KafkaError) and (err.retriable() or err.code() in _TRANSIENT)
+                if not transient or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)

@@ -1,0 +1,39 @@
+"""The short fault-injection profile: the whole chain on a private stack under crashes and outages.
+
+`dptools.faults` brings up its own Kafka, PostgreSQL cluster and Redis on free ports (the shared
+stack is never restarted), runs the four services over a generated stream and injects kill -9 of each
+service, a second instance, a SIGSTOP zombie, Redis and PostgreSQL outages, a hard broker restart and a
+connection reset through a TCP proxy. Every record must be accounted for and the bars must equal the
+reference in ClickHouse, Redis and on the bars topic.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from dptools import faults
+
+pytestmark = pytest.mark.integration
+
+
+def test_short_profile_loses_and_duplicates_nothing(tmp_path: Path) -> None:
+    report = faults.run(faults.PROFILES["short"], seed=2, workdir=tmp_path)
+    (tmp_path / "report.json").write_text(json.dumps(report.to_json(), indent=2, default=str))
+    lines: list[str] = []
+    faults.print_report(report, lines.append)
+    summary = "\n".join(lines)
+
+    kinds = Counter(f.kind for f in report.faults)
+    assert kinds["kill9"] == 4, summary
+    assert {f.target for f in report.faults if f.kind == "kill9"} == set(faults.SERVICES)
+    for kind in ("second_instance", "zombie", "redis_down", "postgres_down", "broker_hard", "net_reset"):
+        assert kinds[kind] == 1, summary
+    assert report.counts["raw_in"] == faults.PROFILES["short"].count + len(
+        faults.stream(10, 1, "X")[1]), summary
+    assert report.counts["raw_unaccounted"] == 0, summary
+    assert report.counts["raw_accounted_twice"] == 0, summary
+    assert report.counts["final_bars_on_topic"] == report.counts["expected_final_bars"] > 20, summary
+    assert report.mismatches == [], summary
