@@ -237,6 +237,8 @@ def audit_sink_names(settings: Settings, owner: bool) -> list[str]:
 
 def _audit_sinks(settings: Settings, clickhouse: ClickHouseClient | None, owner: bool) -> list[AuditSink]:
     sinks: list[AuditSink] = []
+    if not settings.audit_enabled_for():
+        return sinks
     for name in audit_sink_names(settings, owner):
         if name == "clickhouse" and clickhouse is not None:
             sinks.append(ClickHouseAuditSink(clickhouse, f"{settings.clickhouse_database}.audit_events"))
