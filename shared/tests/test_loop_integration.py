@@ -141,7 +141,7 @@ def test_exactly_once_survives_kill_9(
     # Kill points: once a number of outputs is committed (mid-stream), and once shortly after start
     # (during group join / state restore).
     seen_progress: list[int] = []
-    for kind, point in (("outputs", 40), ("seconds", 0.8), ("outputs", 150), ("outputs", 260)):
+    for kind, point in (("outputs", 40), ("seconds", 0.8), ("outputs", 130), ("outputs", 210)):
         app.start()
         if kind == "outputs":
             wait_for(lambda point=point: committed() >= point, 90, f"{point} outputs")
