@@ -59,3 +59,42 @@ def test_headers_follow_the_source_record_or_the_nth_input_of_the_key() -> None:
     assert got[3][CORRELATION_HEADER] == b"c-b0"
     assert got[4][CORRELATION_HEADER] == b"own"
     assert got[5] == {}
+
+
+class QueueProducer:
+    """Producer stand-in whose queue drains by 1000 records per poll."""
+
+    def __init__(self, queued: int) -> None:
+        self.queued = queued
+
+    def __len__(self) -> int:
+        return self.queued
+
+    def poll(self, _timeout: float) -> int:
+        self.queued = max(0, self.queued - 1000)
+        return 0
+
+
+class PauseRecorder:
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, list[tuple[str, int]]]] = []
+
+    def pause(self, tps: list[object]) -> None:
+        self.calls.append(("pause", [(tp.topic, tp.partition) for tp in tps]))  # type: ignore[attr-defined]
+
+    def resume(self, tps: list[object]) -> None:
+        self.calls.append(("resume", [(tp.topic, tp.partition) for tp in tps]))  # type: ignore[attr-defined]
+
+
+async def test_backpressure_pauses_until_the_producer_queue_drains() -> None:
+    lp = loop()
+    producer, consumer = QueueProducer(25_000), PauseRecorder()
+    lp._producer, lp._consumer = producer, consumer  # type: ignore[assignment]
+    lp._assigned = {("in", 0), ("in", 1)}
+    await lp._backpressure()
+    assert consumer.calls == [("pause", [("in", 0), ("in", 1)]), ("resume", [("in", 0), ("in", 1)])]
+    assert producer.queued <= 5_000  # loop.resume_records
+    consumer.calls.clear()
+    producer.queued = 100
+    await lp._backpressure()
+    assert consumer.calls == []
