@@ -275,6 +275,8 @@ def test_librdkafka_configs(monkeypatch: pytest.MonkeyPatch) -> None:
     assert p["transactional.id"] == "aggregation-pod-1"
     assert p["enable.idempotence"] is True
     assert p["acks"] == "all"
+    # short backoff for CONCURRENT_TRANSACTIONS between back-to-back transactions (hop latency)
+    assert p["retry.backoff.ms"] == 10
     assert "fetch.min.bytes" not in p
     assert "transactional.id" not in producer_config(s)
     monkeypatch.setenv("DATA_PROC_LOOP__GUARANTEE", "at-least-once")

@@ -150,7 +150,9 @@ class LoopOptions(BaseModel):
     model_config = _frozen
 
     guarantee: Guarantee = "exactly-once"
+    #: Most records per cycle (one transaction); a cycle takes what is fetched, it never waits to fill.
     batch_size: int = Field(default=500, ge=1, le=100_000)
+    #: Longest wait for the first record of a cycle (idle wake-up period; timers run between waits).
     batch_timeout_ms: int = Field(default=100, ge=1, le=60_000)
     tick_interval_ms: int = Field(default=1_000, ge=10, le=600_000)
     transaction_timeout_ms: int = Field(default=60_000, ge=1_000, le=900_000)
@@ -543,6 +545,12 @@ def producer_config(settings: Settings, transactional_id: str | None = None,
         "acks": "all",
         "linger.ms": 5,
         "compression.type": "lz4",
+        # A transaction that starts while the coordinator still writes the previous one's markers
+        # gets CONCURRENT_TRANSACTIONS on AddOffsetsToTxn/AddPartitionsToTxn and is retried after
+        # this backoff: librdkafka's default of 100 ms added up to 100 ms to every hop whenever
+        # cycles follow each other closely. Other retries back off exponentially from here up to
+        # `retry.backoff.max.ms` (1 s).
+        "retry.backoff.ms": 10,
     })
     if transactional_id is not None:
         conf["transactional.id"] = transactional_id
