@@ -231,6 +231,9 @@ class UpdateListener:
         self._lateness_ns = lateness_ms * 10**6
         self.tick_latency_ms: list[float] = []
         self.bar_delay_ms: list[float] = []
+        #: final bars announced before their window's close time: closed by the idle timeout (wall
+        #: clock), not by the watermark; counted apart, they say nothing about the close delay
+        self.idle_closed = 0
         self.recording = False
         #: only windows ending after this (ns) count: earlier ones closed before the open loop began
         self.since_ns = 0
@@ -252,7 +255,10 @@ class UpdateListener:
                 length = int(data["interval"][:-1]) * units[data["interval"][-1]]
                 end = int(data["window_start"]) * 10**6 + length
                 if end >= self.since_ns:
-                    self.bar_delay_ms.append((now - end - self._lateness_ns) / 1e6)
+                    if now < end + self._lateness_ns:
+                        self.idle_closed += 1
+                    else:
+                        self.bar_delay_ms.append((now - end - self._lateness_ns) / 1e6)
 
     def close(self) -> None:
         """Stop listening."""
@@ -390,6 +396,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"open loop at {share:.0%} of the drain rate ({rate:.0f} ticks/s) ...", flush=True)
             listener.tick_latency_ms.clear()
             listener.bar_delay_ms.clear()
+            listener.idle_closed = 0
             listener.since_ns = time.time_ns()
             listener.recording = True
             sent = open_loop(bootstrap, names["RAW"], rate, args.open_loop_seconds, dsn, int(share * 100))
@@ -397,7 +404,8 @@ def main(argv: list[str] | None = None) -> int:
             listener.recording = False
             entry = {"share_of_drain": share, "rate": rate, "sent": sent,
                      "tick_to_redis_ms": percentiles(listener.tick_latency_ms),
-                     "window_close_to_final_bar_ms": percentiles(listener.bar_delay_ms)}
+                     "window_close_to_final_bar_ms": percentiles(listener.bar_delay_ms),
+                     "final_bars_closed_idle": listener.idle_closed}
             results["open_loop"].append(entry)
             print(f"  tick->redis {entry['tick_to_redis_ms']}", flush=True)
             print(f"  window close->final bar {entry['window_close_to_final_bar_ms']}", flush=True)
