@@ -224,14 +224,18 @@ def test_rebalance_to_a_surviving_instance_restores_state_exactly_once(
     env = topics(topic_factory, partitions=4)
     sent = produce_inputs(kafka_bootstrap, env["APP_INPUT"], [b"r%d" % i for i in range(300)])
     expected = expected_outputs(sent)
-    common = {**env, "APP_SLEEP_S": "0.3", "DATA_PROC_LOOP__BATCH_SIZE": "10"}
-    first = app_factory(**{**common, "DATA_PROC_INSTANCE_ID": env["DATA_PROC_INSTANCE_ID"] + "a"})
-    second = app_factory(**{**common, "DATA_PROC_INSTANCE_ID": env["DATA_PROC_INSTANCE_ID"] + "b"})
+    common = {**env, "DATA_PROC_LOOP__BATCH_SIZE": "10"}
+    # The first instance is slow, so work is left for the second one whatever the machine's load.
+    first = app_factory(**{**common, "DATA_PROC_INSTANCE_ID": env["DATA_PROC_INSTANCE_ID"] + "a",
+                           "APP_SLEEP_S": "0.6"})
+    second = app_factory(**{**common, "DATA_PROC_INSTANCE_ID": env["DATA_PROC_INSTANCE_ID"] + "b",
+                            "APP_SLEEP_S": "0.1"})
     first.start()
     wait_for(lambda: len(consume_all([env["APP_OUTPUT"]], timeout=30)) >= 20, 60, "progress")
     second.start()
     wait_for(lambda: "state restored" in second.log(), 60, "the second instance's share")
     first.kill()
+    assert len(consume_all([env["APP_OUTPUT"]], timeout=30)) < sum(expected.values())
     wait_for(lambda: len(consume_all([env["APP_OUTPUT"]], timeout=30)) >= sum(expected.values()), 120,
              "all outputs after the rebalance")
     assert second.terminate() == 0, second.log()
