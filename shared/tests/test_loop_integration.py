@@ -264,3 +264,27 @@ def test_a_fenced_instance_exits_non_zero_and_the_new_one_finishes(
              "all outputs")
     assert new.terminate() == 0, new.log()
     assert pairs(consume_all([env["APP_OUTPUT"]], timeout=30)) == expected, old.log() + new.log()
+
+
+def test_at_least_once_loses_nothing_across_kill_9(
+    topic_factory: Callable[..., str], app_factory: Callable[..., App], kafka_bootstrap: str,
+    consume_all: Callable[..., list[InRecord]],
+) -> None:
+    env = topics(topic_factory, partitions=2)
+    sent = produce_inputs(kafka_bootstrap, env["APP_INPUT"], [b"l%d" % i for i in range(200)])
+    wanted = {value.upper() for _, value in sent}
+
+    def delivered() -> set[bytes]:
+        records = consume_all([env["APP_OUTPUT"]], read_committed=False, timeout=30)
+        return {(r.value or b"").rsplit(b"|", 1)[0] for r in records}
+
+    app = app_factory(**env, DATA_PROC_LOOP__GUARANTEE="at-least-once", DATA_PROC_LOOP__BATCH_SIZE="10",
+                      APP_SLEEP_S="0.15")
+    app.start()
+    wait_for(lambda: len(delivered()) >= 50, 60, "progress")
+    app.kill()
+    assert len(delivered()) < len(wanted)
+    app.start()
+    wait_for(lambda: delivered() >= wanted, 90, "every value")
+    assert app.terminate() == 0, app.log()
+    assert delivered() == wanted
