@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import json
 import re
+import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
@@ -31,6 +32,7 @@ from fastavro.schema import fingerprint as _fingerprint
 from fastavro.schema import to_parsing_canonical_form
 from fastavro.utils import generate_many
 
+from dataproc_shared.avro_flat import FlatCodec, compile_flat
 from dataproc_shared.errors import AvroError
 
 SCHEMAS_DIR = Path(__file__).parent / "schemas"
@@ -121,6 +123,13 @@ class SchemaRegistry:
                 raise AvroError(f"fingerprint collision between {other.name} and {v.name}")
             self._by_fingerprint.setdefault(v.fingerprint, v)
         self._latest = {name: by_version[max(by_version)] for name, by_version in self._by_name.items()}
+        # Generated codecs of the flat record schemas (all message schemas): about twice as fast as
+        # fastavro's generic reader/writer; other schemas, and reading across versions, use fastavro.
+        self._flat: dict[bytes, FlatCodec] = {}
+        for v in self._by_fingerprint.values():
+            codec = compile_flat(_strip_logical(v.source))
+            if codec is not None:
+                self._flat[v.fingerprint] = codec
 
     @classmethod
     def from_directory(cls, directory: Path = SCHEMAS_DIR) -> SchemaRegistry:
@@ -172,6 +181,12 @@ class SchemaRegistry:
     def encode(self, schema_name: str, record: Mapping[str, Any]) -> bytes:
         """Single-object encoding of `record` with (the newest version of) `schema_name`."""
         schema = self.get(schema_name)
+        flat = self._flat.get(schema.fingerprint)
+        if flat is not None:
+            try:
+                return schema.header + flat.encode(record)
+            except (ValueError, TypeError, KeyError, AttributeError, struct.error) as exc:
+                raise EncodeError(f"{schema.name}.v{schema.version}: {exc!r}") from exc
         buf = BytesIO()
         buf.write(MARKER)
         buf.write(schema.fingerprint)
@@ -194,6 +209,15 @@ class SchemaRegistry:
         """Decode a single-object message written with any known version, as `reader_schema_name`."""
         writer = self.writer_of(data)
         reader = self.get(reader_schema_name)
+        flat = self._flat.get(writer.fingerprint) if writer is reader else None
+        if flat is not None:
+            try:
+                return flat.decode(bytes(data), HEADER_SIZE)
+            except (ValueError, IndexError, struct.error) as exc:  # UnicodeDecodeError is a ValueError
+                raise DecodeError(
+                    f"cannot decode {writer.name}.v{writer.version} as {reader.name}.v{reader.version}: "
+                    f"{exc!r}"
+                ) from exc
         body = BytesIO(data)
         body.seek(HEADER_SIZE)
         try:
