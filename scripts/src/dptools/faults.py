@@ -71,6 +71,9 @@ INTERVALS = ("1m", "5m", "1h")
 LATENESS_MS = 5_000
 TX_TIMEOUT_MS = 10_000
 SESSION_TIMEOUT_MS = 10_000
+#: /live answers 503 when the loop has not ticked for this long; the supervisor restarts after the grace
+LIVE_STALL_S = 20
+LIVENESS_GRACE_S = 20.0
 SERVICES = ("normalization", "enrichment", "aggregation", "projection")
 INSTRUMENTS = [
     ("XNYS", "IBM", "equity", "USD", 0.01),
@@ -285,16 +288,48 @@ class Chain:
         self._thread.start()
 
     def _supervise(self) -> None:
+        """What the orchestrator does: restart a process that exited or failed its liveness probe.
+
+        The probe is `/live`, as in the Helm chart; it must have failed for `LIVENESS_GRACE_S` after the
+        process was live once.
+        """
+        live_since_start: dict[str, bool] = {}
+        failing_since: dict[str, float] = {}
         while not self._stop.wait(1.0):
             with self.lock:
                 for service in SERVICES:
                     proc = self.first.procs.get(service)
-                    if service in self.held or proc is None or proc.poll() is None:
+                    if service in self.held or proc is None:
+                        failing_since.pop(service, None)
                         continue
-                    self.self_exits.append({"service": service, "exit_code": proc.returncode,
-                                            "at": time.time(), "log_tail": self.first.log_tail(service, 8)})
-                    log.warning("service exited by itself, restarting", service=service, code=proc.returncode)
-                    self.first.start(service, self.ids(service, "a"))
+                    if proc.poll() is not None:
+                        self.self_exits.append({"service": service, "cause": "exited",
+                                                "exit_code": proc.returncode, "at": time.time(),
+                                                "log_tail": self.first.log_tail(service, 8)})
+                        log.warning("service exited by itself, restarting", service=service,
+                                    code=proc.returncode)
+                        self.start_first(service, live_since_start, failing_since)
+                        continue
+                    if http_get(self.first.url(service, "/live"), timeout=2)[0] == 200:
+                        live_since_start[service] = True
+                        failing_since.pop(service, None)
+                        continue
+                    if not live_since_start.get(service):
+                        continue
+                    first_fail = failing_since.setdefault(service, time.monotonic())
+                    if time.monotonic() - first_fail >= LIVENESS_GRACE_S:
+                        self.self_exits.append({"service": service, "cause": "liveness probe failed",
+                                                "exit_code": None, "at": time.time(),
+                                                "log_tail": self.first.log_tail(service, 8)})
+                        log.warning("liveness probe failing, killing and restarting", service=service)
+                        self.first.kill(service, signal.SIGKILL)
+                        self.start_first(service, live_since_start, failing_since)
+
+    def start_first(self, service: str, live: dict[str, bool], failing: dict[str, float]) -> None:
+        """(Re)start the first instance of `service` and forget its probe history."""
+        live.pop(service, None)
+        failing.pop(service, None)
+        self.first.start(service, self.ids(service, "a"))
 
     def restart(self, service: str, sig: int) -> None:
         """Kill (`sig`) or stop (SIGTERM, clean) the first instance of `service` and start it again."""
@@ -468,9 +503,13 @@ def run(profile: Profile, seed: int, workdir: Path) -> Report:
             "DATA_PROC_LOOP__TICK_INTERVAL_MS": "200",
             "DATA_PROC_LOOP__TRANSACTION_TIMEOUT_MS": str(TX_TIMEOUT_MS),
             "DATA_PROC_LOOP__SESSION_TIMEOUT_MS": str(SESSION_TIMEOUT_MS),
+            "DATA_PROC_LOOP__LIVE_STALL_TIMEOUT_S": str(LIVE_STALL_S),
             "DATA_PROC_LOG_LEVEL": "INFO",
         })
         env.update({f"DATA_PROC_TOPICS__{name}": topic for name, topic in topics.items()})
+        # a Kafka SASL password is set too (unused by the PLAINTEXT listener): it must not leak either
+        sasl_secret = "sasl-" + uuid.uuid4().hex
+        env["DATA_PROC_KAFKA__SASL_PASSWORD"] = sasl_secret
         ticks, pushers = stream(profile.count, seed, prefix)
         chain = Chain(stack, workdir, prefix, env)
         chain.start()
@@ -504,7 +543,13 @@ def run(profile: Profile, seed: int, workdir: Path) -> Report:
         chain.first.wait_drained(timeout=300)
         report.durations_s["drain"] = round(time.monotonic() - t_drain, 1)
         verify(report, stack, chain, topics, audit_topic, ticks, pushers, reference, prefix)
+        secrets = [*stack.secrets(), sasl_secret]
+        exposed = [(f"{s}{path}", http_get(chain.first.url(s, path), timeout=10)[1].decode(errors="replace"))
+                   for s in SERVICES for path in ("/health", "/ready", "/live", "/metrics")]
         report.self_exits = chain.self_exits
+        chain.close()  # the logs are complete only now
+        exposed += [(str(p), p.read_text(errors="replace")) for p in sorted(workdir.glob("logs*/*.log"))]
+        check_secrets(report, secrets, exposed)
         return report
     finally:
         if chain is not None:
@@ -649,6 +694,18 @@ def verify(report: Report, stack: PrivateStack, chain: Chain, topics: dict[str, 
         bad(f"{by_reason[('aggregation', 'late_trade')]} late trades dead-lettered, reference says {late}")
 
 
+def check_secrets(report: Report, secrets: list[str], exposed: list[tuple[str, str]]) -> None:
+    """No secret in any of `exposed` (where, text): log files, health, readiness and metric responses."""
+    report.counts["secret_checked_sources"] = len(exposed)
+    report.counts["secret_checked_lines"] = sum(text.count("\n") + 1 for _, text in exposed)
+    leaks = [f"a secret appears in {where}"
+             for where, text in exposed for secret in secrets if secret in text]
+    report.counts["secret_leaks"] = len(leaks)
+    report.mismatches.extend(leaks)
+    if len(secrets) < 3 or any(len(secret) < 16 for secret in secrets):
+        report.mismatches.append("secret check: the stack's passwords were not found")
+
+
 def by_reason_sum(by_reason: Counter[tuple[str, str]], service: str) -> int:
     """Dead letters of one service, all reasons."""
     return sum(n for (svc, _), n in by_reason.items() if svc == service)
@@ -661,9 +718,9 @@ def print_report(report: Report, out: Callable[[str], None] = print) -> None:
     out("faults injected: " + ", ".join(f"{k} x{n}" for k, n in kinds.items()))
     for f in report.faults:
         out(f"  t+{f.at_s:6.1f}s {f.kind:20} {f.target:14} {f.took_s:5.1f}s  {f.outcome}")
-    out(f"service exits restarted by the supervisor: {len(report.self_exits)}")
+    out(f"restarts by the supervisor (exit or failed liveness probe): {len(report.self_exits)}")
     for e in report.self_exits:
-        out(f"  {e['service']} exit code {e['exit_code']}")
+        out(f"  {e['service']}: {e.get('cause', 'exited')}, exit code {e['exit_code']}")
     out("counts: " + ", ".join(f"{k}={v}" for k, v in sorted(report.counts.items())))
     out("durations: " + ", ".join(f"{k}={v}s" for k, v in report.durations_s.items()))
     out(f"mismatches: {len(report.mismatches)}")
