@@ -167,3 +167,14 @@ def test_configure_from_settings(monkeypatch: pytest.MonkeyPatch) -> None:
         structlog.reset_defaults()
         for handler in list(logging.getLogger().handlers):
             logging.getLogger().removeHandler(handler)
+
+
+def test_derived_correlation_id_is_uuid5_of_the_coordinates() -> None:
+    import uuid
+
+    from dataproc_shared.logging import _CORRELATION_NAMESPACE, uuid5_str
+
+    for name in ["", "t:0:0", "raw.v1:5:123456789", "ünïcode:1:2", "x" * 500]:
+        assert uuid5_str(name) == str(uuid.uuid5(_CORRELATION_NAMESPACE, name))
+    rec = InRecord(topic="raw", partition=3, offset=42, key=None, value=b"", timestamp_ms=0, headers=())
+    assert ensure_correlation_id(rec) == str(uuid.uuid5(_CORRELATION_NAMESPACE, "raw:3:42"))

@@ -15,6 +15,7 @@ or, for everything logged inside a block, `with record_context(record): ...`.
 
 from __future__ import annotations
 
+import hashlib
 import logging as std_logging
 import sys
 import uuid
@@ -199,9 +200,19 @@ def ensure_correlation_id(record: InRecord) -> str:
 
     The derived id is stable, so a replay after a crash produces the same output headers.
     """
-    return correlation_id_of(record) or str(
-        uuid.uuid5(_CORRELATION_NAMESPACE, f"{record.topic}:{record.partition}:{record.offset}")
-    )
+    return correlation_id_of(record) or uuid5_str(f"{record.topic}:{record.partition}:{record.offset}")
+
+
+_NAMESPACE_BYTES = _CORRELATION_NAMESPACE.bytes
+
+
+def uuid5_str(name: str) -> str:
+    """`str(uuid.uuid5(_CORRELATION_NAMESPACE, name))`, computed directly (a quarter of the time)."""
+    d = bytearray(hashlib.sha1(_NAMESPACE_BYTES + name.encode()).digest()[:16])  # noqa: S324 - RFC 4122 v5
+    d[6] = (d[6] & 0x0F) | 0x50
+    d[8] = (d[8] & 0x3F) | 0x80
+    h = d.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 def ingest_ns_of(record: InRecord) -> int | None:
