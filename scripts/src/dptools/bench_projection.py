@@ -6,8 +6,8 @@ Pre-produces a backlog to fresh enriched-tick and bar topics: real ticks (the Bi
 captures of `dptools.realdata`, normalized with the normalization service's parser, cycled to the
 wanted count) as `enriched_tick.v1`, plus 1-minute `bar.v1` emissions built from their trades (an
 update every 20 trades of an instrument, a final one when its window changes). Then it drains both
-topics twice with the real Kafka loop under the configured guarantee, each time with a fresh
-consumer group:
+topics with the real Kafka loop under the configured guarantee, each time with a fresh consumer
+group (`--rounds` relay/projection pairs, alternating; default one):
 
 1. `relay`: `dataproc_shared.kafka.passthrough.PassthroughProcessor` (consume -> produce the same
    bytes to a relay topic, same partition);
@@ -15,35 +15,27 @@ consumer group:
 
 Reports records/s of each (first record consumed -> last record consumed) and their ratio, and how
 many Redis writes the projection made. Instrument ids are prefixed with a run id, so the run's keys
-never meet real ones; topics and keys are deleted at the end.
+never meet real ones; topics and keys are deleted at the end. The common part is `dptools.benchkit`.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import itertools
 import json
-import platform
-import time
-import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import redis
-from confluent_kafka import Producer
-from confluent_kafka.admin import AdminClient
-from confluent_kafka.cimpl import NewTopic
 from dataproc_shared import avro
-from dataproc_shared.config import admin_config, load_settings
-from dataproc_shared.kafka.loop import KafkaLoop
-from dataproc_shared.kafka.passthrough import PassthroughProcessor
+from dataproc_shared.config import load_settings
 from dataproc_shared.metrics import ServiceMetrics
 from dataproc_shared.partitioning import instrument_key, partition_for
 from normalization.transform import Lineage, NormalizedTick, parse_tick
 from projection.app import build_processor
 from projection.settings import ProjectionSettings
 
+from dptools import benchkit
 from dptools.realdata import read
 
 MINUTE_MS = 60_000
@@ -120,65 +112,13 @@ def backlog(count: int, run: str, spread: int = 1) -> Iterator[tuple[str, bytes,
                 return
 
 
-def produce(bootstrap: str, topics: dict[str, str], partitions: int, count: int, run: str,
-            spread: int = 1) -> dict[str, int]:
-    """Produce the backlog; return how many records went to each topic."""
-    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20, "batch.size": 1_000_000,
-                         "compression.type": "lz4", "enable.idempotence": True})
-    sent = {"enriched_tick": 0, "bar": 0}
+def encoded(count: int, run: str, topics: dict[str, str], spread: int, sent: dict[str, int]
+            ) -> Iterator[tuple[str, bytes, bytes]]:
+    """The backlog as (topic, key, Avro value); counts the records per schema in `sent`."""
     for schema, key, record in backlog(count, run, spread):
+        sent[schema] = sent.get(schema, 0) + 1
         topic = topics["ticks"] if schema == "enriched_tick" else topics["bars"]
-        value = avro.encode(schema, record)
-        while True:
-            try:
-                producer.produce(topic, value, key, partition=partition_for(key, partitions))
-                break
-            except BufferError:
-                producer.poll(0.1)
-        producer.poll(0)
-        sent[schema] += 1
-    if producer.flush(120) != 0:
-        raise RuntimeError("backlog not fully delivered")
-    return sent
-
-
-async def drain(settings: ProjectionSettings, processor: Any, metrics: ServiceMetrics, count: int,
-                input_topics: list[str]) -> float:
-    """Run the loop until `count` records were consumed and committed; return first-to-last seconds."""
-    loop = KafkaLoop(settings, processor, input_topics=input_topics, metrics=metrics)
-    stop = asyncio.Event()
-    task = asyncio.create_task(loop.run(stop))
-    first: float | None = None
-    deadline = time.monotonic() + 1800
-    while True:
-        consumed = sum(
-            metrics.registry.get_sample_value("dp_messages_in_total",
-                                              {"service": settings.service, "topic": t}) or 0.0
-            for t in input_topics)
-        now = time.perf_counter()
-        if consumed and first is None:
-            first = now
-        if consumed >= count:
-            break
-        if task.done():
-            task.result()
-            raise RuntimeError("the loop stopped early")
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"drained {consumed:.0f} of {count}")
-        await asyncio.sleep(0.02)
-    stop.set()
-    await task  # the last cycle (and its Redis flush) commits before the loop returns
-    return time.perf_counter() - (first or now)
-
-
-def _redis_writes(metrics: ServiceMetrics) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for family in metrics.registry.collect():
-        if family.name == "dp_redis_writes":
-            for s in family.samples:
-                if s.name.endswith("_total") and s.value:
-                    out[f"{s.labels['key_type']}/{s.labels['outcome']}"] = s.value
-    return out
+        yield topic, key, avro.encode(schema, record)
 
 
 def _delete_keys(url: str, run: str) -> int:
@@ -192,83 +132,70 @@ def _delete_keys(url: str, run: str) -> int:
         client.close()
 
 
-async def bench(count: int, partitions: int, spread: int = 1) -> dict[str, Any]:
+async def bench(count: int, partitions: int, spread: int = 1, rounds: int = 1) -> dict[str, Any]:
     """Create topics, produce the backlog, drain it with the relay and the service; return figures."""
-    run = uuid.uuid4().hex[:8]
+    run = benchkit.run_id()
     topics = {"ticks": f"bench-enriched-{run}", "bars": f"bench-bars-{run}", "relay": f"bench-relay-{run}",
               "deadletter": f"bench-dlq-{run}"}
     base = load_settings(ProjectionSettings, service="projection")
-    admin = AdminClient(admin_config(base))
-    new = [NewTopic(name, num_partitions=1 if role == "deadletter" else partitions, replication_factor=1)
-           for role, name in topics.items()]
-    for future in admin.create_topics(new, operation_timeout=30).values():
-        future.result()
     try:
-        started = time.perf_counter()
-        sent = produce(base.kafka_bootstrap, topics, partitions, count, run, spread)
-        produce_s = time.perf_counter() - started
-        inputs = [topics["ticks"], topics["bars"]]
+        with benchkit.bench_topics(base, topics, partitions):
+            sent = {"enriched_tick": 0, "bar": 0}
+            produce_s = benchkit.produce(base.kafka_bootstrap, encoded(count, run, topics, spread, sent),
+                                         lambda key: partition_for(key, partitions))
+            inputs = [topics["ticks"], topics["bars"]]
+            overrides = {"enriched": topics["ticks"], "bars": topics["bars"],
+                         "deadletter": topics["deadletter"], "partitions": partitions}
+            last: dict[str, Any] = {}
 
-        def settings_for(service: str) -> ProjectionSettings:
-            topics_model = base.topics.model_copy(update={
-                "enriched": topics["ticks"], "bars": topics["bars"], "deadletter": topics["deadletter"],
-                "partitions": partitions})
-            kafka = base.kafka.model_copy(update={"group_id": f"bench-{service}-{run}"})
-            return base.model_copy(update={"service": service, "topics": topics_model, "kafka": kafka,
-                                           "instance_id": f"bench-{run}"})
+            async def relay(round_no: int) -> float:
+                settings = benchkit.bench_settings(base, "relay", f"{run}-{round_no}", overrides)
+                return await benchkit.relay_drain(settings, topics["relay"], count, inputs,
+                                                  until_stopped=True)
 
-        relay_s = await drain(settings_for("relay"), PassthroughProcessor(topics["relay"]),
-                              ServiceMetrics("relay"), count, inputs)
-        proj_settings = settings_for("projection")
-        metrics = ServiceMetrics("projection")
-        processor = build_processor(proj_settings, metrics)
-        await processor.start()
-        try:
-            proj_s = await drain(proj_settings, processor, metrics, count, inputs)
-        finally:
-            await processor.close()
-        return {
-            "records": count,
-            "ticks": sent["enriched_tick"],
-            "bars": sent["bar"],
-            "partitions": partitions,
-            "spread": spread,
-            "guarantee": base.loop.guarantee,
-            "batch_size": base.loop.batch_size,
-            "produce_s": round(produce_s, 2),
-            "relay_s": round(relay_s, 2),
-            "relay_per_s": round(count / relay_s),
-            "projection_s": round(proj_s, 2),
-            "projection_per_s": round(count / proj_s),
-            "ratio": round(relay_s / proj_s, 3),
-            "redis_writes": _redis_writes(metrics),
-            "redis_flushes": processor.flushes,
-            "projection_process_s": round(processor.process_seconds, 2),
-            "projection_flush_s": round(processor.flush_seconds, 2),
-            "machine": f"{platform.machine()} {platform.system()} {platform.python_version()}",
-        }
+            async def projection(round_no: int) -> float:
+                settings = benchkit.bench_settings(base, "projection", f"{run}-{round_no}", overrides)
+                metrics = ServiceMetrics("projection")
+                processor = build_processor(settings, metrics)
+                await processor.start()
+                try:
+                    # The last cycle (and its Redis flush) commits before the loop returns.
+                    seconds = await benchkit.drain(settings, processor, metrics, count, inputs,
+                                                   until_stopped=True)
+                finally:
+                    await processor.close()
+                last.update(
+                    redis_writes=benchkit.counter_totals(metrics, "dp_redis_writes", ("key_type", "outcome")),
+                    redis_flushes=processor.flushes,
+                    projection_process_s=round(processor.process_seconds, 2),
+                    projection_flush_s=round(processor.flush_seconds, 2),
+                )
+                return seconds
+
+            relay_runs, proj_runs = await benchkit.alternate(rounds, relay, projection)
+            return {
+                **benchkit.setup(base, count, partitions, produce_s),
+                "ticks": sent["enriched_tick"],
+                "bars": sent["bar"],
+                "spread": spread,
+                **benchkit.throughput("projection", count, relay_runs, proj_runs),
+                **last,
+                **benchkit.machine(),
+            }
     finally:
         if base.redis_url is not None:
             _delete_keys(base.redis_url.get_secret_value(), run)
-        for future in admin.delete_topics(list(topics.values()), operation_timeout=30).values():
-            try:
-                future.result()
-            except Exception as exc:
-                print(f"could not delete a topic: {exc}")
 
 
 def main(argv: list[str] | None = None) -> int:
     """Command line."""
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--records", type=int, default=100_000)
-    parser.add_argument("--partitions", type=int, default=None, help="default: topics.partitions")
+    parser = benchkit.cli(__doc__, default_records=100_000, default_rounds=1)
     parser.add_argument("--spread", type=int, default=1,
                         help="deal each real instrument over this many instrument ids (less coalescing)")
     args = parser.parse_args(argv)
     partitions = args.partitions or load_settings(ProjectionSettings, service="projection").topics.partitions
-    result = asyncio.run(bench(args.records, partitions, args.spread))
-    print(json.dumps(result, indent=2))
+    result = asyncio.run(bench(args.records, partitions, args.spread, max(1, args.rounds)))
+    benchkit.emit(result, args.out)
     return 0
 
 
