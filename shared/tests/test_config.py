@@ -154,7 +154,7 @@ def test_service_section_from_file_and_env(tmp_path: Path, monkeypatch: pytest.M
     assert s.aggregation.intervals == ("1m",)
     assert s.aggregation.allowed_lateness_ms == 250
     # The base class ignores the aggregation section too.
-    assert load_settings(service="normalization").loop.batch_size == 500
+    assert load_settings(service="normalization").loop.batch_size == 2000
 
 
 def test_unknown_key_in_file_is_an_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
