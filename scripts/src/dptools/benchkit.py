@@ -132,11 +132,13 @@ async def drain(
     input_topics: list[str],
     *,
     until_stopped: bool = False,
+    sample: Callable[[], None] | None = None,
 ) -> float:
     """Run the real loop until `count` records were consumed; return the seconds from the first.
 
     The time runs to the poll that saw the last record consumed, or with `until_stopped` to the
-    loop's return (the last cycle, its flush and its commit included).
+    loop's return (the last cycle, its flush and its commit included). `sample` is called at each
+    poll (every 20 ms), e.g. to read the processor's state while it runs.
     """
     loop = KafkaLoop(settings, processor, input_topics=input_topics, metrics=metrics)
     stop = asyncio.Event()
@@ -146,6 +148,8 @@ async def drain(
     while True:
         seen = consumed(metrics, settings.service, input_topics)
         now = time.perf_counter()
+        if sample is not None:
+            sample()
         if seen and first is None:
             first = now
         if seen >= count:
