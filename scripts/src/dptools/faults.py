@@ -540,6 +540,9 @@ def run(profile: Profile, seed: int, workdir: Path) -> Report:
         t_drain = time.monotonic()
         reference = compute(expected_arrivals([*ticks, *pushers], prefix), INTERVALS, LATENESS_MS * 10**6)
         _wait_for_finals(stack.bootstrap, topics["BARS"], len(reference.bars), 600)
+        # the lag metrics can be stale while a loop hangs: wait until every service is live and the
+        # read model has converged (the supervisor restarts a hung service meanwhile), then drained
+        _wait_converged(chain, stack.redis_url, reference, 300)
         chain.first.wait_drained(timeout=300)
         report.durations_s["drain"] = round(time.monotonic() - t_drain, 1)
         verify(report, stack, chain, topics, audit_topic, ticks, pushers, reference, prefix)
@@ -580,6 +583,22 @@ def _wait_for_finals(bootstrap: str, topic: str, expected: int, timeout: float) 
             return
         time.sleep(3)
     raise TimeoutError(f"fewer than {expected} final bars on {topic} after {timeout:.0f}s")
+
+
+def _wait_converged(chain: Chain, redis_url: str, reference: Any, timeout: float) -> None:
+    import redis
+
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    wanted: Counter[tuple[str, str]] = Counter((b.instrument_id, b.interval) for b in reference.bars.values())
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        live = all(http_get(chain.first.url(s, "/live"))[0] == 200 for s in SERVICES)
+        with contextlib.suppress(redis.RedisError):
+            if live and all(client.zcard(f"md:bars:{inst}:{interval}") >= n
+                            for (inst, interval), n in wanted.items()):
+                return
+        time.sleep(2)
+    log.warning("read model not converged", timeout_s=timeout)
 
 
 def verify(report: Report, stack: PrivateStack, chain: Chain, topics: dict[str, str], audit_topic: str,
@@ -670,6 +689,15 @@ def verify(report: Report, stack: PrivateStack, chain: Chain, topics: dict[str, 
             f"e.g. {sorted(missing)[:5]}")
     if twice:
         bad(f"{len(twice)} raw records accounted more than once, e.g. {sorted(twice.items())[:5]}")
+        for ident in sorted(twice)[:3]:
+            evidence = [{"normalized": n} for n in normalized
+                        if (n["source_partition"], n["source_offset"]) == ident]
+            evidence += [{"dead_letter": {k: v for k, v in d.items() if k != "payload_b64"}} for d in dead
+                         if d["service"] == "normalization"
+                         and (d["source_partition"], d["source_offset"]) == ident]
+            evidence += [{"duplicate_audit": a} for a in dups
+                         if (int(a["source_partition"]), int(a["offset_from"])) == ident]
+            bad(f"evidence for raw record {ident}: {json.dumps(evidence, default=str)}")
     if extra:
         bad(f"{len(extra)} outputs refer to raw records that do not exist")
     if len(normalized) + by_reason_sum(by_reason, "normalization") + len(dups) != len(raw):

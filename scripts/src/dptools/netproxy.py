@@ -73,6 +73,8 @@ class NetProxy:
             self._call(shutdown()).result(10)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(10)
+        if not self._thread.is_alive():
+            self._loop.close()
 
     async def _abort_all(self) -> None:
         for writer in list(self._open):
