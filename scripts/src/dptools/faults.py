@@ -72,8 +72,8 @@ LATENESS_MS = 5_000
 TX_TIMEOUT_MS = 10_000
 SESSION_TIMEOUT_MS = 10_000
 #: /live answers 503 when the loop has not ticked for this long; the supervisor restarts after the grace
-LIVE_STALL_S = 20
-LIVENESS_GRACE_S = 20.0
+LIVE_STALL_S = 30
+LIVENESS_GRACE_S = 30.0
 SERVICES = ("normalization", "enrichment", "aggregation", "projection")
 INSTRUMENTS = [
     ("XNYS", "IBM", "equity", "USD", 0.01),
@@ -271,6 +271,8 @@ class Chain:
                                log_dir=workdir / "logs-b")
         self.held: set[str] = set()  # first instances deliberately down (not restarted by the supervisor)
         self.self_exits: list[dict[str, Any]] = []
+        self._live_since_start: dict[str, bool] = {}  # probe history of the current process
+        self._failing_since: dict[str, float] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._supervise, name="supervisor", daemon=True)
 
@@ -293,8 +295,7 @@ class Chain:
         The probe is `/live`, as in the Helm chart; it must have failed for `LIVENESS_GRACE_S` after the
         process was live once.
         """
-        live_since_start: dict[str, bool] = {}
-        failing_since: dict[str, float] = {}
+        live_since_start, failing_since = self._live_since_start, self._failing_since
         while not self._stop.wait(1.0):
             with self.lock:
                 for service in SERVICES:
@@ -338,7 +339,7 @@ class Chain:
                 self.first.stop(service)
             else:
                 self.first.kill(service, sig)
-            self.first.start(service, self.ids(service, "a"))
+            self.start_first(service, self._live_since_start, self._failing_since)
 
     def close(self) -> None:
         """Stop supervising and stop every process."""
