@@ -39,7 +39,7 @@ pytestmark = pytest.mark.integration
 PARTITIONS = 3
 INTERVALS = ("1m", "5m", "1h")
 LATENESS_MS = 5_000
-IDLE_MS = 10_000
+IDLE_MS = 15_000
 
 INSTRUMENTS = [
     # venue, venue symbol, asset class, currency, tick size

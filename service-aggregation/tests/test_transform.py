@@ -123,6 +123,19 @@ def test_trade_for_a_never_opened_but_passed_window_is_late() -> None:
     assert eng.open_windows() == 0
 
 
+def test_a_partition_with_a_backlog_is_not_idle() -> None:
+    clock = FakeClock()
+    eng = WindowEngine(cfg("1m", idle_ms=10_000), clock)
+    eng.apply(trade(10 * MIN, 1.0, offset=0))
+    clock.now += 9 * NS_PER_S
+    eng.mark_busy(0)  # records still waiting on partition 0: the consumer has just not reached them
+    eng.mark_busy(7)  # a partition the engine has not seen: nothing to do
+    clock.now += 9 * NS_PER_S
+    assert eng.close_idle() == []
+    clock.now += 2 * NS_PER_S
+    assert [b.is_final for b in eng.close_idle()] == [True]
+
+
 def test_idle_partition_closes_and_later_trades_for_closed_windows_are_late() -> None:
     clock = FakeClock()
     eng = WindowEngine(cfg("1m", "1h", idle_ms=10_000), clock)

@@ -28,7 +28,7 @@ from confluent_kafka import Consumer, TopicPartition
 
 from dptools.pipeline import REPO, SERVICES, Pipeline, http_get
 
-DEMO_IDLE_TIMEOUT_MS = 5_000
+DEMO_IDLE_TIMEOUT_MS = 15_000
 
 
 def step(text: str) -> None:

@@ -126,6 +126,12 @@ class AggregationProcessor:
         self._gauge()
         return result
 
+    async def on_lag(self, lags: dict[tuple[str, int], int]) -> None:
+        """A partition with records still waiting is busy, not idle: its windows stay open."""
+        for (_topic, partition), lag in lags.items():
+            if lag > 0:
+                self.engine.mark_busy(partition)
+
     async def on_tick(self) -> BatchResult:
         """Close idle partitions (wall clock) and emit due updates."""
         result = BatchResult()

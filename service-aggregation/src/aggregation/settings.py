@@ -20,7 +20,9 @@ class AggregationOptions(BaseModel):
     intervals: Annotated[tuple[str, ...], NoDecode] = ("1m", "5m", "1h")
     #: A window stays open until the partition's watermark passes `window_end + allowed_lateness_ms`.
     allowed_lateness_ms: int = Field(default=5_000, ge=0, le=86_400_000)
-    #: A partition that receives nothing for this long (wall clock) closes all of its windows.
+    #: A partition that receives nothing for this long (wall clock) closes all of its windows. A
+    #: partition with records still waiting (consumer lag > 0, refreshed every 10 s by the loop) is
+    #: never idle, so keep this above that refresh interval.
     idle_timeout_ms: int = Field(default=30_000, ge=100, le=86_400_000)
     #: Updates of open bars are emitted at most this often per partition (hence per bar).
     update_interval_ms: int = Field(default=1_000, ge=0, le=3_600_000)

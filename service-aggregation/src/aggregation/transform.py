@@ -499,6 +499,12 @@ class WindowEngine:
             p.last_flush = now
         return out
 
+    def mark_busy(self, partition: int) -> None:
+        """The partition still has records waiting: it is not idle, whatever the wall clock says."""
+        p = self._parts.get(partition)
+        if p is not None:
+            p.last_activity = self._clock()
+
     def close_idle(self) -> list[Bar]:
         """Close every window of partitions idle for longer than `idle_timeout` (wall clock)."""
         now = self._clock()

@@ -39,3 +39,11 @@ class Processor(Protocol):
 
     async def on_abort(self) -> None:
         """The current transaction was aborted: forget uncommitted changes."""
+
+
+# Optional hook, called when the processor defines it (the loop looks it up with getattr):
+#
+#     async def on_lag(self, lags: dict[tuple[str, int], int]) -> None:
+#         """Records still waiting per assigned (topic, partition), refreshed every few seconds."""
+#
+# Aggregation uses it so that a partition with a backlog is never taken for an idle one.

@@ -337,7 +337,10 @@ class KafkaLoop:
             await self._commit_cycle(batch, result, started)
         if now >= self._next_lag:
             self._next_lag = now + LAG_INTERVAL_S
-            await asyncio.to_thread(self._update_lag)
+            lags = await asyncio.to_thread(self._update_lag)
+            on_lag = getattr(self._processor, "on_lag", None)
+            if on_lag is not None and lags:
+                await on_lag(lags)
 
     def _consume(self, consumer: Consumer) -> list[Message]:
         """Wait up to `batch_timeout_ms` for the first record, then add what is already fetched.
@@ -740,10 +743,12 @@ class KafkaLoop:
         finally:
             await asyncio.to_thread(consumer.resume, tps)
 
-    def _update_lag(self) -> None:
+    def _update_lag(self) -> dict[tuple[str, int], int]:
+        """Refresh `dp_consumer_lag`; returns the lag of every assigned partition it could tell."""
         consumer = self._c
+        lags: dict[tuple[str, int], int] = {}
         if not self._assigned:
-            return
+            return lags
         try:
             positions = consumer.position([TopicPartition(t, p) for t, p in sorted(self._assigned)])
             for tp in positions:
@@ -754,9 +759,11 @@ class KafkaLoop:
                 low, high = wm
                 pos = tp.offset if tp.offset >= 0 else low
                 if high >= 0 and pos >= 0:
+                    lags[(tp.topic, tp.partition)] = max(0, high - pos)
                     self._metrics.lag(tp.topic, tp.partition, max(0, high - pos))
         except KafkaException as exc:
             log.info("lag update failed", service=self._service, error=str(exc))
+        return lags
 
     # ---- shutdown -----------------------------------------------------------------------------
 
