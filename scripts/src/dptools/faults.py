@@ -96,6 +96,8 @@ class Profile:
     #: faults in the order of the plan before shuffling: (kind, target, seconds)
     faults: tuple[tuple[str, str, float], ...]
     gap_s: tuple[float, float] = (2.0, 6.0)
+    #: how long the final bars may take to appear once the feed is done
+    drain_timeout_s: float = 420.0
 
 
 def _kills(times: int) -> tuple[tuple[str, str, float], ...]:
@@ -528,7 +530,12 @@ def run(profile: Profile, seed: int, workdir: Path) -> Report:
         injector = Injector(chain, proxies, started)
         for kind, target, seconds in plan:
             time.sleep(rng.uniform(*profile.gap_s))
-            report.faults.append(injector.run(kind, target, seconds))
+            try:
+                report.faults.append(injector.run(kind, target, seconds))
+            except Exception as exc:
+                report.faults.append(FaultRecord(kind, target, round(time.monotonic() - started, 1),
+                                                 outcome=f"injection failed: {exc}"))
+                report.mismatches.append(f"fault {kind} on {target} could not be injected: {exc}")
         feeder.join(900)
         if not fed.is_set():
             report.mismatches.append("the feed did not finish")
@@ -540,7 +547,12 @@ def run(profile: Profile, seed: int, workdir: Path) -> Report:
 
         t_drain = time.monotonic()
         reference = compute(expected_arrivals([*ticks, *pushers], prefix), INTERVALS, LATENESS_MS * 10**6)
-        _wait_for_finals(stack.bootstrap, topics["BARS"], len(reference.bars), 600)
+        try:
+            _wait_for_finals(stack.bootstrap, topics["BARS"], len(reference.bars), profile.drain_timeout_s)
+        except TimeoutError as exc:
+            report.mismatches.append(f"the chain did not recover: {exc}")
+            report.durations_s["drain"] = round(time.monotonic() - t_drain, 1)
+            return report
         # the lag metrics can be stale while a loop hangs: wait until every service is live and the
         # read model has converged (the supervisor restarts a hung service meanwhile), then drained
         _wait_converged(chain, stack.redis_url, reference, 300)
