@@ -5,12 +5,12 @@ STACK := scripts/stack.sh
 # Connection settings of the local stack, when it has been brought up.
 WITH_ENV := if [ -f .stack/env ]; then source .stack/env; fi;
 
-.PHONY: help up down status test lint migrate topics demo demo-stop
+.PHONY: help up down status tools test lint migrate topics demo demo-stop
 
 help:
 	@echo "make demo    the main job: stack, services, a feed of ticks, the resulting bars"
 	@echo "make demo-stop   stop the demo's services and the stack"
-	@echo "make test    the whole test suite (needs the stack: make up)"
+	@echo "make test    the whole test suite (installs tools, brings the stack up)"
 	@echo "make up | down | status   the local stack (Kafka, PostgreSQL, Redis, chDB)"
 	@echo "make migrate | topics     apply migrations / create topics on the running stack"
 	@echo "make lint    ruff + mypy"
@@ -24,8 +24,13 @@ down:
 status:
 	@bash $(STACK) status
 
+# The tools the deployment checks need (promtool, helm), installed when missing.
+tools:
+	@bash scripts/install-tools.sh
+
+# The whole suite against the real stack; installs the tools and brings the stack up first (idempotent).
 # pytest exits 5 when it collects no test at all; that is not a failure of the suite.
-test:
+test: tools up
 	@$(WITH_ENV) uv run --frozen pytest $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then rc=0; fi; exit $$rc
 
 lint:
