@@ -28,9 +28,10 @@ status:
 tools:
 	@bash scripts/install-tools.sh
 
-# The whole suite against the real stack; installs the tools and brings the stack up first (idempotent).
+# The whole suite against the real stack; installs the tools, brings the stack up and creates the
+# contract's topics first (all idempotent), as a deployment's topic job would.
 # pytest exits 5 when it collects no test at all; that is not a failure of the suite.
-test: tools up
+test: tools up topics
 	@$(WITH_ENV) uv run --frozen pytest $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then rc=0; fi; exit $$rc
 
 lint:
