@@ -410,7 +410,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  tick->redis {entry['tick_to_redis_ms']}", flush=True)
             print(f"  window close->final bar {entry['window_close_to_final_bar_ms']}", flush=True)
         results["peak_rss_mib"] = {s: peak_rss_mib(p) for s, p in pids.items()}
-        results["cpu_us_per_tick_total_run"] = None
     finally:
         listener.close()
         pipe.stop_all()
