@@ -27,11 +27,10 @@ import pytest
 import redis
 from confluent_kafka import Producer
 from dataproc_shared import avro
-from dataproc_shared.partitioning import partition_for
 from dataproc_shared.records import InRecord
 from dptools.deploytools import PrometheusServer, overview_queries, write_local_config
 from dptools.pipeline import Pipeline, http_get
-from dptools.reference import Arrival, RefBar, compute, diff_bars
+from dptools.reference import Arrival, RefBar, arrivals_from_raw, compute, diff_bars
 from dptools.ticks import GeneratorConfig, Instrument, RawTick, Tag, generate
 
 pytestmark = pytest.mark.integration
@@ -133,21 +132,8 @@ def produce(bootstrap: str, topic: str, ticks: list[RawTick]) -> None:
 
 def expected_arrivals(ticks: list[RawTick], prefix: str) -> list[Arrival]:
     """What aggregation must see: valid ticks of active, known instruments, per partition in order."""
-    known = {(v, s) for v, s, *_ in INSTRUMENTS}
-    arrivals = []
-    for tick in ticks:
-        if tick.tag in (Tag.MALFORMED, Tag.DUPLICATE, Tag.UNKNOWN) or (tick.venue, tick.symbol) not in known:
-            continue
-        body = json.loads(tick.value)
-        is_trade = tick.tag is not Tag.QUOTE
-        arrivals.append(Arrival(
-            partition=partition_for(tick.key, PARTITIONS),
-            instrument_id=f"{prefix}.{tick.venue}.{tick.symbol}",
-            is_trade=is_trade, ts_ns=tick.ts_ns, seq=body.get("seq"),
-            price=float(body["price"]) if is_trade else 0.0,
-            size=float(body["size"]) if is_trade else 0.0,
-        ))
-    return arrivals
+    return arrivals_from_raw(ticks, {(v, s) for v, s, *_ in INSTRUMENTS}, PARTITIONS,
+                             lambda venue, symbol: f"{prefix}.{venue}.{symbol}")
 
 
 def wait_until(cond: Callable[[], bool], timeout: float, what: str) -> None:

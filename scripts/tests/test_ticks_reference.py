@@ -49,10 +49,12 @@ def test_reference_ohlcv_with_ties_and_late_trades() -> None:
     ]
     result = compute(arrivals, intervals=("1m", "5m"))
     one = result.bars[("A", "1m", 0)]
-    assert (one.open, one.high, one.low, one.close, one.volume, one.trade_count) == (11.0, 11.0, 9.0, 9.0, 6, 3)
+    ohlcv = (one.open, one.high, one.low, one.close, one.volume, one.trade_count)
+    assert ohlcv == (11.0, 11.0, 9.0, 9.0, 6, 3)
     assert one.vwap == (10 * 1 + 11 * 3 + 9 * 2) / 6
     five = result.bars[("A", "5m", 0)]
-    assert five.trade_count == 4 and five.high == 50.0
+    assert five.trade_count == 4
+    assert five.high == 50.0
     assert result.late == [(4, "1m")]
 
 

@@ -61,7 +61,7 @@ from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-def
 from dptools.netproxy import NetProxy
 from dptools.pipeline import REPO, Pipeline, http_get
 from dptools.privstack import PrivateStack, free_port
-from dptools.reference import Arrival, RefBar, compute, diff_bars
+from dptools.reference import Arrival, RefBar, arrivals_from_raw, compute, diff_bars
 from dptools.ticks import GeneratorConfig, Instrument, RawTick, Tag, generate
 
 log = structlog.get_logger("dptools.faults")
@@ -247,22 +247,8 @@ def stream(count: int, seed: int, prefix: str) -> tuple[list[RawTick], list[RawT
 
 def expected_arrivals(ticks: list[RawTick], prefix: str) -> list[Arrival]:
     """What aggregation must see: valid ticks of active, known instruments, per partition in order."""
-    from dataproc_shared.partitioning import partition_for
-
-    known = {(v, s) for v, s, *_ in INSTRUMENTS}
-    arrivals = []
-    for tick in ticks:
-        if tick.tag in (Tag.MALFORMED, Tag.DUPLICATE, Tag.UNKNOWN) or (tick.venue, tick.symbol) not in known:
-            continue
-        body = json.loads(tick.value)
-        is_trade = tick.tag is not Tag.QUOTE
-        arrivals.append(Arrival(
-            partition=partition_for(tick.key, PARTITIONS),
-            instrument_id=f"{prefix}.{tick.venue}.{tick.symbol}",
-            is_trade=is_trade, ts_ns=tick.ts_ns, seq=body.get("seq"),
-            price=float(body["price"]) if is_trade else 0.0, size=float(body["size"]) if is_trade else 0.0,
-        ))
-    return arrivals
+    return arrivals_from_raw(ticks, {(v, s) for v, s, *_ in INSTRUMENTS}, PARTITIONS,
+                             lambda venue, symbol: f"{prefix}.{venue}.{symbol}")
 
 
 # ---- the run -----------------------------------------------------------------------------------

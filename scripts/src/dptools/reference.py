@@ -7,9 +7,14 @@ Used by the end-to-end test, the fault-injection suite and the demo's self-check
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
+
+from dataproc_shared.partitioning import partition_for
+
+from dptools.ticks import RawTick, Tag
 
 INTERVAL_NS = {"1m": 60 * 10**9, "5m": 300 * 10**9, "1h": 3600 * 10**9}
 
@@ -55,6 +60,29 @@ class RefResult:
 
     bars: dict[tuple[str, str, int], RefBar]
     late: list[tuple[int, str]]
+
+
+def arrivals_from_raw(ticks: Iterable[RawTick], known: Collection[tuple[str, str]], partitions: int,
+                      instrument_id: Callable[[str, str], str]) -> list[Arrival]:
+    """What aggregation must see of a generated raw stream, per partition in produce order.
+
+    Malformed records, duplicates and ticks of unknown or inactive instruments never reach it;
+    `known` holds the (venue, venue symbol) of the active instruments, `instrument_id` names them.
+    """
+    arrivals = []
+    for tick in ticks:
+        if tick.tag in (Tag.MALFORMED, Tag.DUPLICATE, Tag.UNKNOWN) or (tick.venue, tick.symbol) not in known:
+            continue
+        body = json.loads(tick.value)
+        is_trade = tick.tag is not Tag.QUOTE
+        arrivals.append(Arrival(
+            partition=partition_for(tick.key, partitions),
+            instrument_id=instrument_id(tick.venue, tick.symbol),
+            is_trade=is_trade, ts_ns=tick.ts_ns, seq=body.get("seq"),
+            price=float(body["price"]) if is_trade else 0.0,
+            size=float(body["size"]) if is_trade else 0.0,
+        ))
+    return arrivals
 
 
 def compute(arrivals: Sequence[Arrival], intervals: Iterable[str] = ("1m", "5m", "1h"),
