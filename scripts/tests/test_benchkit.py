@@ -60,3 +60,18 @@ def test_each_benchmark_imports_and_has_the_shared_command_line(name: str) -> No
     parser = benchkit.cli(module.__doc__, default_records=10, default_rounds=1)
     args = parser.parse_args(["--records", "5", "--rounds", "3"])
     assert (args.records, args.rounds, args.partitions, args.out) == (5, 3, None, None)
+
+
+async def test_throughput_reports_cpu_per_record_of_the_alternated_drains() -> None:
+    async def relay(n: int) -> float:
+        benchkit._drain_cpu_s.append(0.5)
+        return 1.0
+
+    async def service(n: int) -> float:
+        benchkit._drain_cpu_s.append(2.0)
+        return 2.0
+
+    relay_runs, service_runs = await benchkit.alternate(2, relay, service)
+    figures = benchkit.throughput("svc", 1000, relay_runs, service_runs)
+    assert figures["relay_cpu_us_per_record"] == 500.0
+    assert figures["svc_cpu_us_per_record"] == 2000.0

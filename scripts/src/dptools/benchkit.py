@@ -36,6 +36,11 @@ S = TypeVar("S", bound=Settings)
 #: A drain that does not finish within this many seconds fails.
 DRAIN_TIMEOUT_S = 1800.0
 
+#: CPU seconds of this process (all threads: the loop, librdkafka, the processor) per drain, appended
+#: by `drain` in call order; `alternate` splits them into relay and service runs for `throughput`.
+_drain_cpu_s: list[float] = []
+_alternate_cpu_s: dict[str, list[float]] = {"relay": [], "service": []}
+
 
 def run_id() -> str:
     """A short random id naming the run's topics, consumer groups and other resources."""
@@ -144,6 +149,7 @@ async def drain(
     stop = asyncio.Event()
     task = asyncio.create_task(loop.run(stop))
     first: float | None = None
+    first_cpu = time.process_time()
     deadline = time.monotonic() + DRAIN_TIMEOUT_S
     while True:
         seen = consumed(metrics, settings.service, input_topics)
@@ -152,6 +158,7 @@ async def drain(
             sample()
         if seen and first is None:
             first = now
+            first_cpu = time.process_time()
         if seen >= count:
             break
         if task.done():
@@ -160,9 +167,11 @@ async def drain(
         if time.monotonic() > deadline:
             raise TimeoutError(f"drained {seen:.0f} of {count}")
         await asyncio.sleep(0.02)
+    cpu_now = time.process_time()
     stop.set()
     await task
     end = time.perf_counter() if until_stopped else now
+    _drain_cpu_s.append((time.process_time() if until_stopped else cpu_now) - first_cpu)
     return end - (first or now)
 
 
@@ -177,13 +186,19 @@ async def alternate(rounds: int, relay: Callable[[int], Awaitable[float]],
                     service: Callable[[int], Awaitable[float]]) -> tuple[list[float], list[float]]:
     """Run relay then service `rounds` times (given the round number); their seconds per round.
 
-    Alternating lets load from other processes on a shared machine hit both alike.
+    Alternating lets load from other processes on a shared machine hit both alike. The CPU seconds of
+    each run's last `drain` are kept for `throughput`.
     """
     relay_runs: list[float] = []
     service_runs: list[float] = []
+    for cpu in _alternate_cpu_s.values():
+        cpu.clear()
     for round_no in range(rounds):
-        relay_runs.append(await relay(round_no))
-        service_runs.append(await service(round_no))
+        for role, run, runs in (("relay", relay, relay_runs), ("service", service, service_runs)):
+            drains = len(_drain_cpu_s)
+            runs.append(await run(round_no))
+            if len(_drain_cpu_s) > drains:
+                _alternate_cpu_s[role].append(_drain_cpu_s[-1])
     return relay_runs, service_runs
 
 
@@ -199,10 +214,20 @@ def setup(settings: Settings, count: int, partitions: int, produce_s: float) -> 
 
 
 def throughput(name: str, count: int, relay_runs: list[float], service_runs: list[float]) -> dict[str, Any]:
-    """Figures of the drains: mean seconds and records/s of relay and `name`, ratio, per-round seconds."""
+    """Figures of the drains: mean seconds and records/s of relay and `name`, ratio, per-round seconds.
+
+    With the CPU of the runs of the last `alternate`, also CPU µs per record of relay and `name` (this
+    process, all its threads: the figure to compare between versions on a loaded machine).
+    """
     relay_s = sum(relay_runs) / len(relay_runs)
     service_s = sum(service_runs) / len(service_runs)
+    cpu: dict[str, Any] = {}
+    for role, label in (("relay", "relay"), ("service", name)):
+        runs = _alternate_cpu_s[role]
+        if runs:
+            cpu[f"{label}_cpu_us_per_record"] = round(sum(runs) / len(runs) / count * 1e6, 1)
     return {
+        **cpu,
         "relay_s": round(relay_s, 2),
         "relay_per_s": round(count / relay_s),
         f"{name}_s": round(service_s, 2),
