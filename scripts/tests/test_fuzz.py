@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from confluent_kafka import Producer
 from dataproc_shared.records import InRecord
+from dataproc_shared.testing import ContractTopics
 from dptools import fuzz
 from dptools.pipeline import Pipeline, http_get
 
@@ -62,25 +63,20 @@ def _free_port() -> int:
 
 @pytest.mark.integration
 def test_hostile_messages_through_the_running_service(
-    topic_factory: Callable[..., str], kafka_bootstrap: str, tmp_path: Path,
+    contract_topics: Callable[..., ContractTopics], kafka_bootstrap: str, tmp_path: Path,
     consume_all: Callable[..., list[InRecord]],
 ) -> None:
     run_id = "fuzz-" + uuid.uuid4().hex[:8]
-    raw = topic_factory("raw", 2)
-    topics = {"RAW": raw, "NORMALIZED": topic_factory("norm", 2), "DEADLETTER": topic_factory("dlq", 1),
-              "NORMALIZATION_DEDUP_CHANGELOG": topic_factory("dedup-cl", 2, {"cleanup.policy": "compact"})}
-    audit = topic_factory("audit", 1)
+    topics = contract_topics(2)  # with the plan's settings: the dead-letter topic takes 1 MB records
+    raw, audit = topics.raw, topics.audit
     env = {k: v for k, v in os.environ.items() if not k.startswith("DATA_PROC_")}
     env.update({"DATA_PROC_ENV": "local", "DATA_PROC_KAFKA_BOOTSTRAP": kafka_bootstrap,
-                "DATA_PROC_AUDIT_KAFKA_TOPIC": audit, "DATA_PROC_TOPICS__PARTITIONS": "2",
                 "DATA_PROC_LOG_LEVEL": "WARNING", "DATA_PROC_KAFKA__GROUP_ID": run_id,
-                "DATA_PROC_INSTANCE_ID": run_id})
-    env.update({f"DATA_PROC_TOPICS__{k}": v for k, v in topics.items()})
+                "DATA_PROC_INSTANCE_ID": run_id, **topics.env()})
     pipe = Pipeline(env=env, ports={"normalization": _free_port()}, run_dir=tmp_path / "run",
                     log_dir=tmp_path / "logs", services=("normalization",))
-    # Raw messages above ~700 kB are left out here: their dead letter (base64 + JSON) exceeds the
-    # producer's 1 MB message limit and the partition stalls (reported in docs/reliability.md).
-    cases = [c for c in fuzz.cases(2_000, seed=5) if c.value is None or len(c.value) < 700_000]
+    cases = list(fuzz.cases(2_000, seed=5))
+    assert any(c.value is not None and len(c.value) >= 1_000_000 for c in cases), "no 1 MB message"
     producer = Producer({"bootstrap.servers": kafka_bootstrap, "enable.idempotence": True,
                          "message.max.bytes": 8_000_000})
     for case in cases:
@@ -105,8 +101,8 @@ def test_hostile_messages_through_the_running_service(
         assert status == 200, health
     finally:
         pipe.stop_all()
-    normalized = consume_all([topics["NORMALIZED"]], timeout=60)
-    dead = [json.loads(r.value) for r in consume_all([topics["DEADLETTER"]], timeout=60) if r.value]
+    normalized = consume_all([topics.normalized], timeout=60)
+    dead = [json.loads(r.value) for r in consume_all([topics.deadletter], timeout=60) if r.value]
     dups = [json.loads(r.value) for r in consume_all([audit], timeout=60) if r.value]
     dups = [d for d in dups if d.get("event_type") == "duplicate_dropped"]
     assert len(normalized) + len(dead) + len(dups) == len(cases)

@@ -7,7 +7,7 @@ import uuid
 
 import pytest
 from confluent_kafka.admin import AdminClient
-from dataproc_shared.config import RetentionOptions, Settings, TopicOptions, load_settings
+from dataproc_shared.config import RetentionOptions, Settings, TopicOptions, load_settings, producer_config
 from dataproc_shared.topics import (
     TopicError,
     TopicSpec,
@@ -44,6 +44,20 @@ def test_plan_covers_contract_topics_and_changelogs() -> None:
     assert specs["windows-changelog"].config["cleanup.policy"] == "compact"
     assert specs["raw"].fixed_partitions
     assert not specs["audit"].fixed_partitions
+    # a raw record of the raw topic's size limit fits the dead-letter topic base64-encoded
+    raw_limit = int(specs["raw"].config["max.message.bytes"])
+    assert raw_limit == 1_048_588
+    assert int(specs["deadletter"].config["max.message.bytes"]) >= raw_limit * 4 / 3 + 60_000
+
+
+def test_the_dead_letter_limit_follows_the_raw_topic_and_bounds_the_producer() -> None:
+    settings = load_settings(Settings, topics=TopicOptions(raw_max_message_bytes=3_000_000))
+    dlq = {s.name: s for s in plan_topics(settings)}[settings.topics.deadletter]
+    assert int(dlq.config["max.message.bytes"]) == 4_000_000 + 65_536
+    assert producer_config(settings)["message.max.bytes"] == 4_000_000 + 65_536
+    fixed = load_settings(Settings, topics=TopicOptions(deadletter_max_message_bytes=500_000))
+    assert fixed.topics.deadletter_message_limit == 500_000
+    assert producer_config(fixed)["message.max.bytes"] == 1_000_000
 
 
 def test_default_settings_use_contract_names() -> None:

@@ -114,6 +114,19 @@ class RetentionOptions(BaseModel):
     audit: int = 30 * 24 * 3600 * 1000
 
 
+#: Room in a dead letter for everything but the payload: JSON field names and values, the detail
+#: (at most 2 000 characters, up to 6 bytes each when escaped), key, headers and batch framing.
+DEADLETTER_ENVELOPE_BYTES = 64 * 1024
+
+
+def deadletter_limit_for(raw_max_message_bytes: int) -> int:
+    """A dead-letter message size limit that holds any raw record up to `raw_max_message_bytes`.
+
+    The payload travels base64-encoded (4 bytes per 3, rounded up), plus `DEADLETTER_ENVELOPE_BYTES`.
+    """
+    return 4 * -(-raw_max_message_bytes // 3) + DEADLETTER_ENVELOPE_BYTES
+
+
 class TopicOptions(BaseModel):
     """Topic names (contract defaults), partitioning and retention (`DATA_PROC_TOPICS__...`).
 
@@ -137,6 +150,20 @@ class TopicOptions(BaseModel):
     retention_ms: RetentionOptions = RetentionOptions()
     normalization_dedup_changelog: str = "normalization.dedup.changelog.v1"
     aggregation_windows_changelog: str = "aggregation.windows.changelog.v1"
+    #: `max.message.bytes` of the raw topic: the largest raw record a producer can write (Kafka's
+    #: default), and so the largest payload a dead letter has to carry.
+    raw_max_message_bytes: int = Field(default=1_048_588, ge=1_024, le=100_000_000)
+    #: `max.message.bytes` of the dead-letter topic and `message.max.bytes` of the services'
+    #: producers. Default: room for a raw record of `raw_max_message_bytes`, base64-encoded, plus the
+    #: dead letter's JSON fields (`deadletter_message_limit`).
+    deadletter_max_message_bytes: int | None = Field(default=None, ge=4_096, le=100_000_000)
+
+    @property
+    def deadletter_message_limit(self) -> int:
+        """The dead-letter topic's message size limit: configured, or derived from the raw topic's."""
+        if self.deadletter_max_message_bytes is not None:
+            return self.deadletter_max_message_bytes
+        return deadletter_limit_for(self.raw_max_message_bytes)
 
     def changelog(self, service: str, store: str) -> str:
         """Name of the compacted changelog topic of `service`'s state store `store`."""
@@ -553,6 +580,9 @@ def producer_config(settings: Settings, transactional_id: str | None = None,
         # cycles follow each other closely. Other retries back off exponentially from here up to
         # `retry.backoff.max.ms` (1 s).
         "retry.backoff.ms": 10,
+        # A dead letter carries a whole raw record base64-encoded: room for the largest one the raw
+        # topic accepts (librdkafka's default of 1 000 000 bytes is less than a 1 MB record's).
+        "message.max.bytes": max(1_000_000, settings.topics.deadletter_message_limit),
     })
     if transactional_id is not None:
         conf["transactional.id"] = transactional_id

@@ -33,6 +33,7 @@ from typing import Any, TypeVar
 
 import structlog
 from aiohttp import web
+from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient
 
 from dataproc_shared.audit import (
@@ -56,6 +57,7 @@ from dataproc_shared.kafka.loop import KafkaLoop, LoopFatalError
 from dataproc_shared.logging import configure_logging
 from dataproc_shared.metrics import ServiceMetrics
 from dataproc_shared.processor import Processor
+from dataproc_shared.topics import topic_configs
 
 log = structlog.get_logger(__name__)
 
@@ -149,6 +151,7 @@ async def serve(
         if missing:
             log.error("topics missing: create them with the topic tooling", topics=missing)
             return 1, False
+        deadletter_max_bytes = await asyncio.to_thread(_deadletter_max_bytes, admin, settings)
 
         clickhouse = _open_clickhouse(settings, clickhouse_owner)
         if clickhouse is not None:
@@ -176,7 +179,7 @@ async def serve(
         await stack.enter_async_context(health)
 
         loop = KafkaLoop(settings, proc, input_topics=input_topics, metrics=metrics, audit=audit,
-                         listener=health)
+                         listener=health, deadletter_max_bytes=deadletter_max_bytes)
         running = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             running.add_signal_handler(sig, stop.set)
@@ -211,6 +214,23 @@ def _missing_topics(admin: AdminClient, topics: Iterable[str]) -> list[str]:
     """Topics of `topics` the broker does not have (auto-creation is off: producing would fail)."""
     existing = admin.list_topics(timeout=15).topics
     return sorted({t for t in topics if t not in existing})
+
+
+def _deadletter_max_bytes(admin: AdminClient, settings: Settings) -> int:
+    """The dead-letter size limit to fit: the configured one, or the topic's when that is lower."""
+    configured = settings.topics.deadletter_message_limit
+    topic = settings.topics.deadletter
+    try:
+        actual = int(topic_configs(admin, [topic], timeout_s=15.0)[topic]["max.message.bytes"])
+    except (KafkaException, KeyError, ValueError) as exc:
+        log.warning("cannot read the dead-letter topic's max.message.bytes", topic=topic, error=str(exc),
+                    max_bytes=configured)
+        return configured
+    if actual < configured:
+        log.warning("the dead-letter topic accepts smaller messages than configured: larger dead letters "
+                    "are truncated (dptools.topics create --update-config sets the configured limit)",
+                    topic=topic, topic_max_bytes=actual, configured_max_bytes=configured)
+    return min(actual, configured)
 
 
 def _open_clickhouse(settings: Settings, owner: bool) -> ClickHouseClient | None:

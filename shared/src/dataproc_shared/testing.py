@@ -5,6 +5,9 @@ one PostgreSQL server and one Redis with each other and with running services:
 
 - `kafka_bootstrap`, `kafka_admin`;
 - `topic_factory(name_prefix="t", partitions=1, config=None) -> topic name` (deleted after the test);
+- `contract_topics(partitions=1) -> ContractTopics`: every topic of the plan under uuid names, with
+  the plan's settings (`.env()` gives the `DATA_PROC_TOPICS__...` variables, `.topic_options()` the
+  settings group); deleted after the test;
 - `consume_all(topics, read_committed=True, timeout=30.0, expected=None) -> list[InRecord]`
   (also importable as a plain function, `consume_all(bootstrap, topics, ...)`);
 - `pg_dsn_factory(migrate=True) -> DSN` of a fresh database (migrations applied), dropped after;
@@ -27,6 +30,7 @@ import os
 import time
 import uuid
 from collections.abc import Callable, Coroutine, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
@@ -91,6 +95,67 @@ def topic_factory(kafka_admin: AdminClient) -> Iterator[Callable[..., str]]:
         futures[name].result()
         created.append(name)
         return name
+
+    yield create
+    if created:
+        for future in kafka_admin.delete_topics(created, operation_timeout=30).values():
+            with contextlib.suppress(Exception):  # already gone is fine at teardown
+                future.result()
+
+
+@dataclass(frozen=True, slots=True)
+class ContractTopics:
+    """uuid-named stand-ins for every topic of the plan (`plan_topics`), created with its settings."""
+
+    raw: str
+    normalized: str
+    enriched: str
+    bars: str
+    deadletter: str
+    audit: str
+    normalization_dedup_changelog: str
+    aggregation_windows_changelog: str
+    partitions: int
+
+    def topic_options(self) -> dict[str, Any]:
+        """The `topics` settings group naming these topics (`load_settings(topics=...)`)."""
+        return {"raw": self.raw, "normalized": self.normalized, "enriched": self.enriched,
+                "bars": self.bars, "deadletter": self.deadletter, "partitions": self.partitions,
+                "side_partitions": 1,
+                "normalization_dedup_changelog": self.normalization_dedup_changelog,
+                "aggregation_windows_changelog": self.aggregation_windows_changelog}
+
+    def env(self) -> dict[str, str]:
+        """The same as `DATA_PROC_...` variables, for a service started as a process."""
+        env = {f"DATA_PROC_TOPICS__{k.upper()}": str(v) for k, v in self.topic_options().items()}
+        env["DATA_PROC_AUDIT_KAFKA_TOPIC"] = self.audit
+        return env
+
+
+@pytest.fixture
+def contract_topics(kafka_admin: AdminClient) -> Iterator[Callable[..., ContractTopics]]:
+    """`contract_topics(partitions=1) -> ContractTopics`: the whole topic plan under uuid names.
+
+    Each topic gets the partition count and the settings (retention, message size limits, cleanup
+    policy) the topic tooling would give it; all are deleted when the test ends.
+    """
+    from dataproc_shared.config import Settings, load_settings
+    from dataproc_shared.topics import ensure_topics, plan_topics
+
+    created: list[str] = []
+
+    def create(partitions: int = 1) -> ContractTopics:
+        tag = uuid.uuid4().hex[:12]
+        topics = ContractTopics(
+            raw=f"raw-{tag}", normalized=f"norm-{tag}", enriched=f"enr-{tag}", bars=f"bars-{tag}",
+            deadletter=f"dlq-{tag}", audit=f"audit-{tag}", normalization_dedup_changelog=f"dedup-cl-{tag}",
+            aggregation_windows_changelog=f"windows-cl-{tag}", partitions=partitions,
+        )
+        settings = load_settings(Settings, topics=topics.topic_options(), audit_kafka_topic=topics.audit)
+        specs = plan_topics(settings)
+        created.extend(spec.name for spec in specs)
+        ensure_topics(kafka_admin, specs)
+        return topics
 
     yield create
     if created:

@@ -5,8 +5,10 @@ enriched, bars) and the changelogs share one partition count, because an instrum
 same partition number everywhere and a changelog partition holds the state of the same input
 partition. A chain topic that already exists with another partition count is reported as a
 mismatch and never altered (repartitioning would move instruments between partitions). Topic
-settings (retention, cleanup policy, ...) that differ from the configuration are reported, and
-changed only when asked (`update_config=True`).
+settings (retention, cleanup policy, message size limits, ...) that differ from the configuration
+are reported, and changed only when asked (`update_config=True`). The raw topic's `max.message.bytes`
+is set explicitly, and the dead-letter topic's is large enough for the dead letter of any raw record
+the raw topic accepts.
 """
 
 from __future__ import annotations
@@ -79,12 +81,16 @@ def plan_topics(settings: Settings) -> list[TopicSpec]:
 
     compact = {**base, "cleanup.policy": "compact", "min.compaction.lag.ms": "0", "segment.ms": "3600000"}
     r = t.retention_ms
+    # The dead-letter topic takes any raw record's dead letter (base64 + JSON): its size limit
+    # follows the raw topic's (`TopicOptions.deadletter_message_limit`).
+    raw_size = {"max.message.bytes": str(t.raw_max_message_bytes)}
+    deadletter_size = {"max.message.bytes": str(t.deadletter_message_limit)}
     return [
-        TopicSpec(t.raw, t.partitions, rf, "chain", delete(r.raw)),
+        TopicSpec(t.raw, t.partitions, rf, "chain", {**delete(r.raw), **raw_size}),
         TopicSpec(t.normalized, t.partitions, rf, "chain", delete(r.normalized)),
         TopicSpec(t.enriched, t.partitions, rf, "chain", delete(r.enriched)),
         TopicSpec(t.bars, t.partitions, rf, "chain", delete(r.bars)),
-        TopicSpec(t.deadletter, t.side_partitions, rf, "side", delete(r.deadletter)),
+        TopicSpec(t.deadletter, t.side_partitions, rf, "side", {**delete(r.deadletter), **deadletter_size}),
         TopicSpec(settings.audit_kafka_topic, t.side_partitions, rf, "side", delete(r.audit)),
         TopicSpec(t.changelog("normalization", "dedup"), t.partitions, rf, "changelog", compact),
         TopicSpec(t.changelog("aggregation", "windows"), t.partitions, rf, "changelog", compact),

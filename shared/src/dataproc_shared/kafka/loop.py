@@ -74,7 +74,7 @@ from confluent_kafka import (
 
 from dataproc_shared.audit import AuditEmitter, lifecycle_event
 from dataproc_shared.config import Settings, consumer_config, producer_config
-from dataproc_shared.deadletter import dead_letter_audit_event, dead_letter_record
+from dataproc_shared.deadletter import TRUNCATED_HEADER, dead_letter_audit_event, dead_letter_record
 from dataproc_shared.errors import DataProcError
 from dataproc_shared.metrics import ServiceMetrics
 from dataproc_shared.processor import Processor
@@ -196,8 +196,13 @@ class KafkaLoop:
         audit: AuditEmitter | None = None,
         listener: LoopListener | None = None,
         clock: Callable[[], float] = time.time,
+        deadletter_max_bytes: int | None = None,
     ) -> None:
-        """`clock` gives seconds since the epoch (latency metrics, dead-letter timestamps)."""
+        """`clock` gives seconds since the epoch (latency metrics, dead-letter timestamps).
+
+        `deadletter_max_bytes`: the dead-letter topic's message size limit (default: the configured
+        `topics.deadletter_message_limit`); a larger dead letter is truncated to fit.
+        """
         self._settings = settings
         self._opts = settings.loop
         self._exactly_once = settings.loop.guarantee == "exactly-once"
@@ -209,6 +214,8 @@ class KafkaLoop:
         self._clock = clock
         self._service = settings.service
         self._deadletter_topic = settings.topics.deadletter
+        self._deadletter_max_bytes = min(deadletter_max_bytes or settings.topics.deadletter_message_limit,
+                                         settings.topics.deadletter_message_limit)
         self._transactional_id = f"{settings.service}-{settings.instance_id}"
         self._consumer: Consumer | None = None
         self._producer: Producer | None = None
@@ -448,8 +455,14 @@ class KafkaLoop:
                  failed_at: datetime) -> list[OutRecord]:
         out = self._propagate_headers(batch.records, result.outputs)
         for dl in result.dead_letters:
-            out.append(dead_letter_record(dl, service=self._service, failed_at=failed_at,
-                                          topic=self._deadletter_topic))
+            record = dead_letter_record(dl, service=self._service, failed_at=failed_at,
+                                        topic=self._deadletter_topic, max_bytes=self._deadletter_max_bytes)
+            if any(name == TRUNCATED_HEADER for name, _ in record.headers):
+                log.warning("dead letter payload truncated to fit the dead-letter topic",
+                            service=self._service, topic=dl.source.topic, partition=dl.source.partition,
+                            offset=dl.source.offset, payload_bytes=len(dl.source.value or b""),
+                            max_bytes=self._deadletter_max_bytes)
+            out.append(record)
             produced.dead_letters.append(dl)
             produced.audit.append(dead_letter_audit_event(dl))
         produced.outputs.extend(o for o in out if o.topic != self._deadletter_topic)
