@@ -31,7 +31,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
+from typing import Any, TypeGuard
 
 import orjson
 from dataproc_shared.records import DeadLetter, DeadLetterReason, InRecord
@@ -300,19 +300,28 @@ def _side_write(tick: Tick, side: Side, arrival: int,
     )
 
 
+def tick_side_write(tick: Tick, side: Side, arrival: int = 0) -> HashWrite:
+    """The write of one side (`TRADE`, `BID` or `ASK`) of a tick."""
+    if side is Side.TRADE:
+        return _side_write(tick, side, arrival, (
+            ("trade_price", tick.price), ("trade_size", tick.size), ("trade_id", tick.trade_id)))
+    if side is Side.BID:
+        return _side_write(tick, side, arrival, (("bid", tick.bid), ("bid_size", tick.bid_size)))
+    return _side_write(tick, side, arrival, (("ask", tick.ask), ("ask_size", tick.ask_size)))
+
+
 def tick_writes(tick: Tick, arrival: int = 0) -> list[HashWrite]:
     """The writes of one tick: its trade side, or its bid and/or ask side.
 
     `arrival` is the tick's position on its input partition (its offset): the last tie-breaker.
     """
     if tick.is_trade:
-        return [_side_write(tick, Side.TRADE, arrival, (
-            ("trade_price", tick.price), ("trade_size", tick.size), ("trade_id", tick.trade_id)))]
+        return [tick_side_write(tick, Side.TRADE, arrival)]
     writes = []
     if tick.bid is not None:
-        writes.append(_side_write(tick, Side.BID, arrival, (("bid", tick.bid), ("bid_size", tick.bid_size))))
+        writes.append(tick_side_write(tick, Side.BID, arrival))
     if tick.ask is not None:
-        writes.append(_side_write(tick, Side.ASK, arrival, (("ask", tick.ask), ("ask_size", tick.ask_size))))
+        writes.append(tick_side_write(tick, Side.ASK, arrival))
     return writes
 
 
@@ -353,34 +362,104 @@ def bar_member(bar: Bar) -> str:
     return _json(bar_values(bar)).decode()
 
 
-def bar_writes(bar: Bar, max_final_bars: int = DEFAULT_MAX_FINAL_BARS) -> list[Write]:
-    """The writes of one bar emission: the latest-bar hash, and the history set when final."""
-    values = bar_values(bar)
+def _bar_announcement(bar: Bar) -> dict[str, Any]:
+    return {"instrument_id": bar.instrument_id, "interval": bar.interval,
+            "window_start": bar.window_start_ms, "version": bar.version, "is_final": bar.is_final}
+
+
+def bar_hash_write(bar: Bar) -> HashWrite:
+    """The latest-bar hash write of one bar emission."""
     key = bar_key(bar.instrument_id, bar.interval)
-    announce = {"instrument_id": bar.instrument_id, "interval": bar.interval,
-                "window_start": bar.window_start_ms, "version": bar.version, "is_final": bar.is_final}
-    writes: list[Write] = [HashWrite(
+    return HashWrite(
         key=key,
         key_type=KeyType.BAR,
         side=Side.BAR,
         order_field="_ord",
         order=order_key(bar.window_start_ms, bar.version, int(bar.is_final)),
-        fields=tuple((name, _hash_text(value)) for name, value in values.items()),
+        fields=tuple((name, _hash_text(value)) for name, value in bar_values(bar).items()),
         deletes=(),
         maxima=(),
-        announcement=_json({"type": KeyType.BAR.value, "key": key, **announce}),
-    )]
+        announcement=_json({"type": KeyType.BAR.value, "key": key, **_bar_announcement(bar)}),
+    )
+
+
+def bar_series_write(bar: Bar, max_final_bars: int = DEFAULT_MAX_FINAL_BARS) -> SeriesWrite:
+    """The history-set write of a final bar."""
+    series = bars_key(bar.instrument_id, bar.interval)
+    return SeriesWrite(
+        key=series,
+        score=bar.window_start_ms,
+        version=bar.version,
+        member=bar_member(bar),
+        max_len=max_final_bars,
+        announcement=_json({"type": KeyType.BARS.value, "key": series, **_bar_announcement(bar)}),
+    )
+
+
+def bar_writes(bar: Bar, max_final_bars: int = DEFAULT_MAX_FINAL_BARS) -> list[Write]:
+    """The writes of one bar emission: the latest-bar hash, and the history set when final."""
+    writes: list[Write] = [bar_hash_write(bar)]
     if bar.is_final:
-        series = bars_key(bar.instrument_id, bar.interval)
-        writes.append(SeriesWrite(
-            key=series,
-            score=bar.window_start_ms,
-            version=bar.version,
-            member=bar_member(bar),
-            max_len=max_final_bars,
-            announcement=_json({"type": KeyType.BARS.value, "key": series, **announce}),
-        ))
+        writes.append(bar_series_write(bar, max_final_bars))
     return writes
+
+
+_LONG_MIN, _LONG_MAX = -_OFFSET, _OFFSET - 1
+_BAR_INTS = ("window_end_ms", "trade_count", "first_ts_ns", "last_ts_ns")
+_BAR_FLOATS = ("open", "high", "low", "close", "volume", "vwap")
+_SIDE_ORDER_FIELDS = {Side.TRADE: "_trade_ord", Side.BID: "_bid_ord", Side.ASK: "_ask_ord"}
+
+
+@dataclass(slots=True)
+class _DeferredTickSide:
+    """A tick side's write not built yet: its order (the tuple `order_key` encodes) and its source."""
+
+    order: tuple[int, int, int]
+    record: Mapping[str, Any]
+    arrival: int
+    side: Side
+
+    def build(self) -> HashWrite:
+        return tick_side_write(tick_from_record(self.record), self.side, self.arrival)
+
+
+@dataclass(slots=True)
+class _DeferredBarHash:
+    """A latest-bar write not built yet: its order (window start, version, final) and its source."""
+
+    order: tuple[int, int, int]
+    record: Mapping[str, Any]
+
+    def build(self) -> HashWrite:
+        return bar_hash_write(bar_from_record(self.record))
+
+
+@dataclass(slots=True)
+class _DeferredSeries:
+    """A history-set write not built yet: its version and its source."""
+
+    version: int
+    record: Mapping[str, Any]
+    max_len: int
+
+    def build(self) -> SeriesWrite:
+        return bar_series_write(bar_from_record(self.record), self.max_len)
+
+
+_HashEntry = HashWrite | _DeferredTickSide | _DeferredBarHash
+_SeriesEntry = SeriesWrite | _DeferredSeries
+
+
+def _order_text(entry: _HashEntry) -> str:
+    return entry.order if isinstance(entry, HashWrite) else order_key(*entry.order)
+
+
+def _is_long(value: object) -> TypeGuard[int]:
+    return type(value) is int and _LONG_MIN <= value <= _LONG_MAX
+
+
+def _is_opt_float(value: Any) -> bool:
+    return value is None or type(value) is float
 
 
 class PendingWrites:
@@ -392,8 +471,8 @@ class PendingWrites:
     """
 
     def __init__(self) -> None:
-        self._hash: dict[tuple[str, str], HashWrite] = {}
-        self._series: dict[tuple[str, int], SeriesWrite] = {}
+        self._hash: dict[tuple[str, str], _HashEntry] = {}
+        self._series: dict[tuple[str, int], _SeriesEntry] = {}
         self.added = 0
 
     def add(self, write: Write) -> None:
@@ -402,7 +481,7 @@ class PendingWrites:
         if isinstance(write, HashWrite):
             hkey = (write.key, write.order_field)
             current = self._hash.get(hkey)
-            if current is None or write.order >= current.order:
+            if current is None or write.order >= _order_text(current):
                 self._hash[hkey] = write
         else:
             skey = (write.key, write.score)
@@ -415,9 +494,73 @@ class PendingWrites:
         for write in writes:
             self.add(write)
 
+    def _defer(self, hkey: tuple[str, str], entry: _DeferredTickSide | _DeferredBarHash) -> None:
+        self.added += 1
+        current = self._hash.get(hkey)
+        if current is None or (entry.order >= current.order if not isinstance(current, HashWrite)
+                               else order_key(*entry.order) >= current.order):
+            self._hash[hkey] = entry
+
+    def add_tick(self, record: Mapping[str, Any], arrival: int = 0) -> None:
+        """Add the writes of a decoded `enriched_tick` record: `extend(tick_writes(tick_from_record(...)))`.
+
+        Same result, but a write is built only if it is still the newest of its key side when the batch
+        is flushed (most of a busy instrument's ticks are superseded within the batch). Raises
+        `BadInput` as `tick_from_record` does. Records whose fields are not exactly the decoder's
+        types take the eager path.
+        """
+        get = record.get
+        kind, iid, ts, seq = get("kind"), get("instrument_id"), get("ts_ns"), get("seq")
+        price, bid, ask = get("price"), get("bid"), get("ask")
+        if not (
+            type(iid) is str and iid and _is_long(ts) and (seq is None or _is_long(seq))
+            and _is_long(arrival) and _is_opt_float(price) and _is_opt_float(bid) and _is_opt_float(ask)
+            and _is_opt_float(get("size")) and _is_opt_float(get("bid_size"))
+            and _is_opt_float(get("ask_size"))
+            and (price is not None if kind == "TRADE" else kind == "QUOTE" and (bid is not None
+                                                                               or ask is not None))
+        ):
+            self.extend(tick_writes(tick_from_record(record), arrival))
+            return
+        key = f"md:tick:{iid}"
+        order = (ts, _LONG_MIN if seq is None else seq, arrival)
+        if kind == "TRADE":
+            self._defer((key, "_trade_ord"), _DeferredTickSide(order, record, arrival, Side.TRADE))
+            return
+        if bid is not None:
+            self._defer((key, "_bid_ord"), _DeferredTickSide(order, record, arrival, Side.BID))
+        if ask is not None:
+            self._defer((key, "_ask_ord"), _DeferredTickSide(order, record, arrival, Side.ASK))
+
+    def add_bar(self, record: Mapping[str, Any], max_final_bars: int = DEFAULT_MAX_FINAL_BARS) -> None:
+        """Add the writes of a decoded `bar` record: `extend(bar_writes(bar_from_record(...), ...))`.
+
+        Deferred like `add_tick`; raises `BadInput` as `bar_from_record` does.
+        """
+        get = record.get
+        iid, interval, start, version, is_final = (get("instrument_id"), get("interval"),
+                                                   get("window_start_ms"), get("version"), get("is_final"))
+        if not (
+            type(iid) is str and iid and type(interval) is str and interval and type(is_final) is bool
+            and _is_long(start) and _is_long(version)
+            and all(_is_long(get(name)) for name in _BAR_INTS)
+            and all(type(get(name)) is float for name in _BAR_FLOATS)
+        ):
+            self.extend(bar_writes(bar_from_record(record), max_final_bars))
+            return
+        order = (start, version, int(is_final))
+        self._defer((f"md:bar:{iid}:{interval}", "_ord"), _DeferredBarHash(order, record))
+        if is_final:
+            self.added += 1
+            skey = (f"md:bars:{iid}:{interval}", start)
+            pending = self._series.get(skey)
+            if pending is None or version >= pending.version:
+                self._series[skey] = _DeferredSeries(version, record, max_final_bars)
+
     def writes(self) -> list[Write]:
         """The surviving writes: hash writes, then history-set writes."""
-        return [*self._hash.values(), *self._series.values()]
+        return [*(e if isinstance(e, HashWrite) else e.build() for e in self._hash.values()),
+                *(e if isinstance(e, SeriesWrite) else e.build() for e in self._series.values())]
 
     def __len__(self) -> int:
         return len(self._hash) + len(self._series)
@@ -516,9 +659,9 @@ def project_records(
             continue
         try:
             if schema == TICK_SCHEMA:
-                pending.extend(tick_writes(tick_from_record(decoded), arrival=record.offset))
+                pending.add_tick(decoded, record.offset)
             else:
-                pending.extend(bar_writes(bar_from_record(decoded), max_final_bars))
+                pending.add_bar(decoded, max_final_bars)
         except BadInput as exc:
             dead.append(DeadLetter(record, DeadLetterReason.BAD_FIELD, str(exc)))
     return dead

@@ -63,19 +63,6 @@ def read_long(buf: bytes, pos: int) -> tuple[int, int]:
             raise ValueError("varint longer than 10 bytes")
 
 
-def _check_end(buf: bytes, pos: int) -> int:
-    if pos > len(buf):
-        raise ValueError("truncated string")
-    return pos
-
-
-def _read_boolean(buf: bytes, pos: int) -> bool:
-    c = buf[pos]
-    if c > 1:
-        raise ValueError(f"invalid boolean byte {c}")
-    return c == 1
-
-
 @dataclass(frozen=True, slots=True)
 class FlatCodec:
     """A schema's generated pair: `encode(record) -> body`, `decode(buf, pos) -> record`."""
@@ -103,16 +90,26 @@ def _field_type(t: Any) -> tuple[bool, str, list[str] | None] | None:
     return None
 
 
+def _read_varint(indent: str, target: str) -> list[str]:
+    """Generated lines reading the varint at `p` into `target`: one-byte values inline, others by call.
+
+    Small integers (lengths, enum indices, partitions) are the common case; inlining them saves a
+    function call per field.
+    """
+    return [f"{indent}c = b[p]", f"{indent}if c < 0x80:", f"{indent}    {target} = (c >> 1) ^ -(c & 1)",
+            f"{indent}    p += 1", f"{indent}else:", f"{indent}    {target}, p = _rl(b, p)"]
+
+
 def compile_flat(schema: Any) -> FlatCodec | None:
     """Generated codec of a flat record schema (logical types stripped), else None."""
     if not isinstance(schema, dict) or schema.get("type") != "record" or not schema.get("fields"):
         return None
     ns: dict[str, Any] = {
         "_wl": write_long, "_rl": read_long, "_pd": _DOUBLE.pack, "_ud": _DOUBLE.unpack_from,
-        "_end": _check_end, "_rb": _read_boolean, "_missing": _MISSING,
+        "_missing": _MISSING,
     }
     enc = ["def encode(r):", "    parts = []", "    a = parts.append"]
-    dec = ["def decode(b, p):"]
+    dec = ["def decode(b, p):", "    lb = len(b)"]
     names: list[str] = []
     for i, f in enumerate(schema["fields"]):
         kind = _field_type(f.get("type"))
@@ -136,24 +133,28 @@ def compile_flat(schema: Any) -> FlatCodec | None:
             e_ind = d_ind = "        "
         if prim in _INTEGERS:
             enc.append(f"{e_ind}a(_wl({v}))")
-            dec.append(f"{d_ind}{v}, p = _rl(b, p)")
+            dec += _read_varint(d_ind, v)
         elif prim == "double":
             enc.append(f"{e_ind}a(_pd({v}))")
             dec += [f"{d_ind}({v},) = _ud(b, p)", f"{d_ind}p += 8"]
         elif prim == "boolean":
             enc.append(f"{e_ind}a(b'\\x01' if {v} else b'\\x00')")
-            dec += [f"{d_ind}{v} = _rb(b, p)", f"{d_ind}p += 1"]
+            dec += [f"{d_ind}c = b[p]", f"{d_ind}if c > 1:",
+                    f"{d_ind}    raise ValueError(f'invalid boolean byte {{c}}')",
+                    f"{d_ind}{v} = c == 1", f"{d_ind}p += 1"]
         elif prim == "string":
             enc += [f"{e_ind}{v} = {v}.encode()", f"{e_ind}a(_wl(len({v})))", f"{e_ind}a({v})"]
-            dec += [f"{d_ind}n, p = _rl(b, p)", f"{d_ind}if n < 0:",
+            dec += [*_read_varint(d_ind, "n"), f"{d_ind}if n < 0:",
                     f"{d_ind}    raise ValueError('negative length')",
-                    f"{d_ind}{v} = b[p:p + n].decode()", f"{d_ind}p = _end(b, p + n)"]
+                    f"{d_ind}q = p + n", f"{d_ind}if q > lb:",
+                    f"{d_ind}    raise ValueError('truncated string')",
+                    f"{d_ind}{v} = b[p:q].decode()", f"{d_ind}p = q"]
         else:  # enum
             symbols = symbols or []
             ns[f"_index{i}"] = {s: k for k, s in enumerate(symbols)}
             ns[f"_symbols{i}"] = tuple(symbols)
             enc.append(f"{e_ind}a(_wl(_index{i}[{v}]))")
-            dec += [f"{d_ind}n, p = _rl(b, p)", f"{d_ind}if n < 0:",
+            dec += [*_read_varint(d_ind, "n"), f"{d_ind}if n < 0:",
                     f"{d_ind}    raise IndexError('enum index')", f"{d_ind}{v} = _symbols{i}[n]"]
     enc.append("    return b''.join(parts)")
     dec.append("    return {" + ", ".join(f"{n!r}: v{i}" for i, n in enumerate(names)) + "}")
