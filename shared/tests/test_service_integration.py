@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import uuid
 from collections.abc import Callable
+from typing import Any
 
 import aiohttp
 import pytest
@@ -40,6 +42,7 @@ async def test_serve_runs_the_loop_with_health_metrics_and_ticks(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     source, sink = topic_factory("svc-in", 2), topic_factory("svc-out", 2)
+    deadletter = topic_factory("svc-dlq", 1)
     producer = Producer({"bootstrap.servers": kafka_bootstrap})
     for i in range(30):
         producer.produce(source, b"v%d" % i, b"XNYM:K%d" % (i % 5),
@@ -47,7 +50,7 @@ async def test_serve_runs_the_loop_with_health_metrics_and_ticks(
     assert producer.flush(30) == 0
     monkeypatch.setenv("DATA_PROC_AUDIT_ENABLED", "false")
     settings = load_settings(service="svcint", instance_id=uuid.uuid4().hex[:8],
-                             kafka_bootstrap=kafka_bootstrap,
+                             kafka_bootstrap=kafka_bootstrap, topics={"deadletter": deadletter},
                              http={"host": "127.0.0.1", "port": 0},
                              kafka={"group_id": f"svc-{uuid.uuid4().hex}"},
                              loop={"tick_interval_ms": 200, "batch_size": 7})
@@ -90,14 +93,71 @@ async def test_serve_runs_the_loop_with_health_metrics_and_ticks(
         assert int(headers[INGEST_TIME_HEADER]) > 1_600_000_000 * 10**9
 
 
-async def test_serve_refuses_to_start_without_its_topics(kafka_bootstrap: str,
-                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_serve_waits_for_a_missing_topic_then_stops_with_a_clear_error(
+    topic_factory: Callable[..., str], kafka_bootstrap: str, monkeypatch: pytest.MonkeyPatch,
+) -> None:
     monkeypatch.setenv("DATA_PROC_AUDIT_ENABLED", "false")
+    port = _free_port()
     settings = load_settings(service="svcint", kafka_bootstrap=kafka_bootstrap,
-                             http={"host": "127.0.0.1", "port": 0})
+                             topics={"deadletter": topic_factory("svc-dlq", 1)},
+                             http={"host": "127.0.0.1", "port": port}, loop={"startup_topic_wait_s": 4})
     missing = f"no-such-topic-{uuid.uuid4().hex}"
-    result = await asyncio.wait_for(serve(settings, PassthroughProcessor("x"), input_topics=[missing]), 60)
-    assert result == (1, False)
+    task = asyncio.create_task(serve(settings, PassthroughProcessor("x"), input_topics=[missing]))
+    health = await _health_when(port, _kafka_down)
+    assert health["status"] == "unhealthy"
+    assert missing in health["dependencies"]["kafka"]["last_error"]
+    assert await asyncio.wait_for(task, 60) == (1, False)
+
+
+async def test_serve_waits_for_an_unreachable_broker_and_stops_cleanly_meanwhile(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("DATA_PROC_AUDIT_ENABLED", "false")
+    port, nothing = _free_port(), _free_port()
+    settings = load_settings(service="svcint", kafka_bootstrap=f"127.0.0.1:{nothing}",
+                             http={"host": "127.0.0.1", "port": port}, loop={"startup_backoff_max_s": 1})
+    stop = asyncio.Event()
+    task = asyncio.create_task(serve(settings, PassthroughProcessor("x"), input_topics=["t"], stop=stop))
+    health = await _health_when(port, _kafka_down)
+    assert health["status"] == "unhealthy"
+    assert f"127.0.0.1:{nothing}" in health["dependencies"]["kafka"]["last_error"]
+    async with aiohttp.ClientSession(f"http://127.0.0.1:{port}") as http:
+        async with http.get("/ready") as resp:
+            assert resp.status == 503
+        async with http.get("/live") as resp:
+            assert resp.status == 200
+    await asyncio.sleep(3)  # several attempts later it is still waiting, not gone
+    assert not task.done()
+    stop.set()
+    assert await asyncio.wait_for(task, 30) == (0, False)
+
+
+def _kafka_down(doc: dict[str, Any]) -> bool:
+    return bool(doc["dependencies"].get("kafka", {}).get("status") == "down")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def _health_when(port: int, condition: Callable[[dict[str, Any]], bool],
+                       timeout: float = 30.0) -> dict[str, Any]:
+    """The first `/health` document on `port` that satisfies `condition`."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    last: dict[str, Any] = {}
+    async with aiohttp.ClientSession(f"http://127.0.0.1:{port}") as http:
+        while asyncio.get_running_loop().time() < deadline:
+            try:
+                async with http.get("/health") as resp:
+                    last = await resp.json()
+                if condition(last):
+                    return last
+            except aiohttp.ClientConnectionError:
+                pass
+            await asyncio.sleep(0.2)
+    raise AssertionError(f"no such /health within {timeout} s: {last}")
 
 
 class SlowSinkPassthrough(PassthroughProcessor):
@@ -120,6 +180,7 @@ async def test_a_slow_sink_pauses_consumption_without_losing_the_group(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     source, sink = topic_factory("slow-in", 2), topic_factory("slow-out", 2)
+    deadletter = topic_factory("slow-dlq", 1)
     producer = Producer({"bootstrap.servers": kafka_bootstrap})
     for i in range(40):
         producer.produce(source, b"v%d" % i, b"K%d" % (i % 4))
@@ -127,6 +188,7 @@ async def test_a_slow_sink_pauses_consumption_without_losing_the_group(
     monkeypatch.setenv("DATA_PROC_AUDIT_ENABLED", "false")
     settings = load_settings(service="svcslow", instance_id=uuid.uuid4().hex[:8],
                              kafka_bootstrap=kafka_bootstrap, http={"host": "127.0.0.1", "port": 0},
+                             topics={"deadletter": deadletter},
                              kafka={"group_id": f"slow-{uuid.uuid4().hex}"},
                              loop={"batch_size": 10, "session_timeout_ms": 6000,
                                    "max_poll_interval_ms": 7000})

@@ -193,6 +193,12 @@ class LoopOptions(BaseModel):
     #: Pause consumption when this many records wait for a slow sink; resume below `resume_records`.
     pause_records: int = Field(default=20_000, ge=1)
     resume_records: int = Field(default=5_000, ge=0)
+    #: At start, an unreachable broker is retried with exponential backoff (from 0.5 s) up to this
+    #: delay between attempts, for as long as it takes; the health server reports it meanwhile.
+    startup_backoff_max_s: float = Field(default=10.0, gt=0, le=300)
+    #: At start, how long a needed topic may be missing on a reachable broker (a topic job still
+    #: running, a restarted broker still loading its metadata) before the service exits with status 1.
+    startup_topic_wait_s: float = Field(default=30.0, ge=0, le=3_600)
 
     @model_validator(mode="after")
     def _thresholds(self) -> LoopOptions:

@@ -9,8 +9,11 @@ exits with status 2), creates the metrics registry, starts the health server (wi
 the service's own dependency checks and routes), the audit emitter (and, in the process that owns
 an embedded ClickHouse, the audit loader), builds the processor and runs the Kafka loop until
 SIGTERM/SIGINT. Every resource sits in one `AsyncExitStack`, closed in reverse order. Exit status:
-0 after a clean stop, 1 when a needed topic (input, dead-letter, audit) is missing, the loop failed
-fatally or did not stop within `loop.shutdown_timeout_s`.
+0 after a clean stop, 1 when a needed topic (input, dead-letter, audit) is still missing after
+`loop.startup_topic_wait_s`, the loop failed fatally or did not stop within `loop.shutdown_timeout_s`.
+
+Start-up never gives up on an unreachable broker (`wait_for_kafka`): it retries with backoff while a
+health server on the service's port reports `kafka` down (unhealthy, not ready, live).
 
 Audit sinks: `audit_sinks` from the settings, except that with an embedded ClickHouse
 (`DATA_PROC_CLICKHOUSE_URL` is a path) only the owner may open the engine, so every other service
@@ -26,6 +29,7 @@ import inspect
 import os
 import signal
 import sys
+import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
@@ -143,13 +147,21 @@ async def serve(
         for dep in dependencies:
             health.add_check(dep.name, dep.check, critical=dep.critical)
         health.add_routes(extra_routes)
+        running = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            running.add_signal_handler(sig, stop.set)
+            stack.callback(running.remove_signal_handler, sig)
 
         needed = [*input_topics, settings.topics.deadletter]
         if settings.audit_enabled_for() and "kafka" in audit_sink_names(settings, clickhouse_owner):
             needed.append(settings.audit_kafka_topic)
-        missing = await asyncio.to_thread(_missing_topics, admin, needed)
+        missing = await wait_for_kafka(settings, admin, needed, metrics, stop)
+        if missing is None:
+            log.info("service stopped while waiting for kafka")
+            return 0, False
         if missing:
-            log.error("topics missing: create them with the topic tooling", topics=missing)
+            log.error("topics missing: create them with the topic tooling (python -m dptools.topics create)",
+                      topics=missing, waited_s=settings.loop.startup_topic_wait_s)
             return 1, False
         deadletter_max_bytes = await asyncio.to_thread(_deadletter_max_bytes, admin, settings)
 
@@ -180,10 +192,6 @@ async def serve(
 
         loop = KafkaLoop(settings, proc, input_topics=input_topics, metrics=metrics, audit=audit,
                          listener=health, deadletter_max_bytes=deadletter_max_bytes)
-        running = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            running.add_signal_handler(sig, stop.set)
-            stack.callback(running.remove_signal_handler, sig)
         log.info("service starting", topics=list(input_topics), guarantee=settings.loop.guarantee)
         task = asyncio.create_task(loop.run(stop), name="kafka-loop")
         waiter = asyncio.create_task(stop.wait(), name="stop-signal")
@@ -210,10 +218,67 @@ async def serve(
     return 0, False
 
 
-def _missing_topics(admin: AdminClient, topics: Iterable[str]) -> list[str]:
-    """Topics of `topics` the broker does not have (auto-creation is off: producing would fail)."""
-    existing = admin.list_topics(timeout=15).topics
-    return sorted({t for t in topics if t not in existing})
+#: First delay between two attempts to reach the broker at start (doubled up to
+#: `loop.startup_backoff_max_s`), and how long one attempt waits for an answer.
+STARTUP_BACKOFF_INITIAL_S = 0.5
+STARTUP_PROBE_TIMEOUT_S = 5.0
+
+
+async def wait_for_kafka(
+    settings: Settings, admin: AdminClient, needed: Sequence[str], metrics: ServiceMetrics,
+    stop: asyncio.Event, *, clock: Callable[[], float] = time.monotonic,
+) -> list[str] | None:
+    """Wait until the broker answers; return the topics of `needed` it lacks, None if `stop` was set.
+
+    An unreachable broker is retried with exponential backoff for as long as it takes (the
+    orchestrator may start the services before the broker). A needed topic missing on a reachable
+    broker is waited for up to `loop.startup_topic_wait_s`, then returned: topics are created by the
+    topic tooling before the services, so that is a deployment error to stop on. While it waits, a
+    health server on the service's port answers: `/health` unhealthy with the `kafka` dependency down
+    and the reason, `/ready` 503, `/live` 200 (the process is fine; restarting it would not help).
+    """
+    waiting: HealthServer | None = None
+    delay = STARTUP_BACKOFF_INITIAL_S
+    missing_since: float | None = None
+    attempts = 0
+    try:
+        while True:
+            attempts += 1
+            try:
+                existing = await asyncio.to_thread(_topic_names, admin, STARTUP_PROBE_TIMEOUT_S)
+            except KafkaException as exc:
+                error = f"broker unreachable ({settings.kafka_bootstrap}): {exc}"
+                missing_since = None
+            else:
+                missing = sorted(set(needed) - existing)
+                if not missing:
+                    if attempts > 1:
+                        log.info("kafka reachable", attempts=attempts)
+                    return []
+                now = clock()
+                missing_since = now if missing_since is None else missing_since
+                if now - missing_since >= settings.loop.startup_topic_wait_s:
+                    return missing
+                error = "topics missing: " + ", ".join(missing)
+            if waiting is None:
+                waiting = HealthServer.from_settings(settings, metrics)
+                await waiting.start()
+            waiting.report("kafka", False, error)
+            waiting.heartbeat()
+            log.warning("waiting for kafka", error=error, attempt=attempts, retry_in_s=delay)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), delay)
+            if stop.is_set():
+                return None
+            delay = min(delay * 2, settings.loop.startup_backoff_max_s)
+    finally:
+        if waiting is not None:
+            await waiting.stop()
+
+
+def _topic_names(admin: AdminClient, timeout_s: float) -> set[str]:
+    """Names of the broker's topics (raises `KafkaException` when the broker does not answer)."""
+    return set(admin.list_topics(timeout=timeout_s).topics)
 
 
 def _deadletter_max_bytes(admin: AdminClient, settings: Settings) -> int:
