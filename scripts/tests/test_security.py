@@ -15,9 +15,11 @@ import subprocess
 import sys
 import time
 import urllib.parse
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from dataproc_shared.testing import ContractTopics
 from dptools.pipeline import REPO, Pipeline, http_get
 
 SOURCE_FOLDERS = ["shared/src", "service-normalization/src", "service-enrichment/src",
@@ -114,7 +116,8 @@ def _free_port() -> int:
 
 
 @pytest.mark.integration
-def test_wrong_postgres_password_fails_closed(pg_database: str, kafka_bootstrap: str, tmp_path: Path) -> None:
+def test_wrong_postgres_password_fails_closed(pg_database: str, kafka_bootstrap: str, tmp_path: Path,
+                                              contract_topics: Callable[..., ContractTopics]) -> None:
     wrong = "wrong-" + os.urandom(8).hex()
     parts = urllib.parse.urlsplit(pg_database)
     netloc = f"{parts.username}:{wrong}@{parts.hostname}:{parts.port}"
@@ -122,7 +125,8 @@ def test_wrong_postgres_password_fails_closed(pg_database: str, kafka_bootstrap:
     env = {k: v for k, v in os.environ.items() if not k.startswith("DATA_PROC_")}
     env.update({"DATA_PROC_ENV": "local", "DATA_PROC_KAFKA_BOOTSTRAP": kafka_bootstrap,
                 "DATA_PROC_POSTGRES_DSN": dsn, "DATA_PROC_LOG_LEVEL": "INFO",
-                "DATA_PROC_KAFKA__GROUP_ID": "wrongpw-" + wrong, "DATA_PROC_INSTANCE_ID": "wrongpw"})
+                "DATA_PROC_KAFKA__GROUP_ID": "wrongpw-" + wrong, "DATA_PROC_INSTANCE_ID": "wrongpw",
+                **contract_topics(1).env()})
     pipe = Pipeline(env=env, ports={"enrichment": _free_port()}, run_dir=tmp_path / "run",
                     log_dir=tmp_path / "logs", services=("enrichment",))
     pipe.start("enrichment")
