@@ -284,3 +284,30 @@ def test_redis_restart_mid_stream_gives_the_same_state(
     svc.wait_for(lambda: svc.get("/health")[0] == 200, 30, "/health to recover")
     assert svc.metric("dp_transactions_total", outcome="aborted") >= 1
     assert svc.stop() == 0
+
+
+def test_redis_down_at_start_waits_then_projects(
+    kafka_bootstrap: str, topics: dict[str, str], instrument_prefix: str, service_factory: Any,
+    private_redis: Any
+) -> None:
+    private_redis.kill()  # Redis is not there when the service starts
+    client = redis.Redis.from_url(private_redis.url)
+    feed = Feed(kafka_bootstrap, topics["ticks"], topics["bars"], max_final_bars=3)
+    feed.send(make_stream(instrument_prefix, instruments=2, ticks_per=50, windows=2, seed=5))
+    svc = service_factory(service_env(topics, private_redis.url, DATA_PROC_PROJECTION__RETRY_MAX_MS="500"))
+    svc.start(wait_ready=False)
+
+    def redis_down() -> bool:
+        status, body = svc.get("/health")
+        return status == 503 and json.loads(body)["dependencies"]["redis"]["status"] == "down"
+
+    svc.wait_for(redis_down, 60, "/health to report Redis down")
+    assert svc.get("/ready")[0] == 503
+    assert svc.get("/live")[0] == 200
+    time.sleep(3)
+    assert svc.proc is not None
+    assert svc.proc.poll() is None  # still there, waiting
+    private_redis.start()
+    wait_state(client, instrument_prefix, feed.expected(), svc)
+    svc.wait_for(lambda: svc.get("/ready")[0] == 200, 30, "ready once Redis is up")
+    assert svc.stop() == 0
