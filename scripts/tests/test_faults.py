@@ -40,6 +40,7 @@ def test_short_profile_loses_and_duplicates_nothing(tmp_path: Path) -> None:
         faults.stream(10, 1, "X")[1]), summary
     assert report.counts["raw_unaccounted"] == 0, summary
     assert report.counts["raw_accounted_twice"] == 0, summary
+    assert report.counts["audit_event_copies"] == 0, summary
     assert report.counts["final_bars_on_topic"] == report.counts["expected_final_bars"] > 20, summary
     # no secret (PostgreSQL, Redis, Kafka SASL passwords) in any log line, health response or metric
     assert report.counts["secret_leaks"] == 0, summary

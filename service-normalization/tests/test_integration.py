@@ -350,3 +350,45 @@ def test_mixed_stream_exactly_once_across_kill9(
     assert sorted((e["source_partition"], e["offset_from"]) for e in dropped) == sorted(dup_coords)
     assert all(e["service"] == "normalization" and e["reason"] == "duplicate" for e in dropped)
     assert service.terminate() == 0
+
+
+def test_audit_events_commit_with_their_batch_across_kill9(
+    service_env: dict[str, str],
+    tmp_path: Path,
+    kafka_bootstrap: str,
+    consume_all: Callable[..., list[InRecord]],
+) -> None:
+    """A batch's audit events (dropped duplicates, dead letters, batch summary) are in the batch's
+    transaction, not in the emitter's queue: a `kill -9` right after the outputs are committed
+    loses none of them. The emitter's periodic flush is pushed out of reach (10 min), so an event
+    that went through the queue instead of the transaction never reaches the topic."""
+    raw, norm, audit = (
+        service_env["DATA_PROC_TOPICS__RAW"],
+        service_env["DATA_PROC_TOPICS__NORMALIZED"],
+        service_env["DATA_PROC_AUDIT_KAFKA_TOPIC"],
+    )
+    first, second = build_stream(time.time_ns())
+    stream = first + second
+    coords = produce(kafka_bootstrap, raw, stream)
+    service = Service({**service_env, "DATA_PROC_AUDIT_FLUSH_INTERVAL_MS": "600000"}, tmp_path)
+    try:
+        service.start()
+        expected_out = sum(1 for s in stream if s.expect == "out")
+        wait_for(lambda: len(consume_all([norm], timeout=30)) >= expected_out, 120, "all outputs", service)
+        # every input is committed (its outputs are visible): kill before any periodic audit flush
+        service.kill9()
+    finally:
+        service.stop_quietly()
+
+    events = [json.loads(rec.value or b"") for rec in consume_all([audit], timeout=30)]
+    dropped = sorted((e["source_partition"], e["offset_from"]) for e in events
+                     if e["event_type"] == "duplicate_dropped")
+    assert dropped == sorted(coords[i] for i, s in enumerate(stream) if s.expect == "dup")
+    dead = sorted((e["source_partition"], e["offset_from"]) for e in events
+                  if e["event_type"] == "dead_letter")
+    assert dead == sorted(coords[i] for i, s in enumerate(stream) if s.expect not in ("out", "dup"))
+    covered: Counter[tuple[int, int]] = Counter()
+    for e in events:
+        if e["event_type"] == "batch_committed":
+            covered.update((e["source_partition"], o) for o in range(e["offset_from"], e["offset_to"] + 1))
+    assert covered == Counter(coords), "every raw offset in exactly one committed batch summary"

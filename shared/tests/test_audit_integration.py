@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -11,7 +12,7 @@ from urllib.parse import urlsplit
 
 import orjson
 import pytest
-from dataproc_shared.audit import AuditEmitter, AuditLoader, ClickHouseAuditSink
+from dataproc_shared.audit import AuditEmitter, AuditLoader, ClickHouseAuditSink, KafkaAuditSink
 from dataproc_shared.clickhouse import ChdbClickHouse
 from dataproc_shared.metrics import ServiceMetrics
 from dataproc_shared.records import AuditEvent, InRecord
@@ -98,3 +99,42 @@ async def test_emitter_writes_to_clickhouse_directly(chdb_client: ChdbClickHouse
     written = metrics.registry.get_sample_value("dp_audit_written_total",
                                                 {"service": "svc", "sink": "clickhouse"})
     assert written == 2
+
+
+async def test_kafka_sink_never_produces_an_event_twice_when_the_flush_times_out(
+    topic_factory: Callable[..., str], kafka_bootstrap: str, consume_all: Callable[..., list[InRecord]],
+) -> None:
+    """A flush that returns with rows still in flight (a broker that is slow or restarting) must not
+    make the emitter hand the same rows over again: the client delivers them itself, and a second
+    hand-over would put a second copy with the same `event_id` on the topic (finding 5)."""
+    topic = topic_factory("audit", 1)
+    sink = KafkaAuditSink({"bootstrap.servers": kafka_bootstrap, "enable.idempotence": True}, topic, "svc",
+                          flush_timeout_s=0.0)
+    emitter = AuditEmitter(service="svc", environment="local", sinks=[sink], kafka_topic=topic)
+    for i in range(50):
+        emitter.emit(AuditEvent(event_type="batch_committed", offset_from=i, offset_to=i))
+    for _ in range(3):
+        await emitter.flush()
+    sink.close()
+    records = consume_all([topic], timeout=30)
+    ids = Counter(orjson.loads(r.value or b"")["event_id"] for r in records)
+    assert len(records) == 50, ids.most_common(3)
+    assert len(ids) == 50
+    assert sorted(orjson.loads(r.value or b"")["offset_from"] for r in records) == list(range(50))
+
+
+async def test_kafka_sink_keeps_rows_whose_delivery_failed_for_the_next_write() -> None:
+    """Rows the client reports as failed (no broker: message timeout) are produced again later."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # closed again: nothing listens there
+    sink = KafkaAuditSink({"bootstrap.servers": f"127.0.0.1:{port}", "message.timeout.ms": 300,
+                           "log_level": 0}, "audit", "svc", flush_timeout_s=5.0)
+    emitter = AuditEmitter(service="svc", environment="local", sinks=[sink], kafka_topic="audit")
+    for i in range(5):
+        emitter.emit(AuditEvent(event_type="batch_committed", offset_from=i, offset_to=i))
+    await emitter.flush()
+    assert sink.pending == 5
+    await emitter.flush()  # nothing new queued: the failed rows are tried again all the same
+    assert sink.pending == 5
+    sink.close()

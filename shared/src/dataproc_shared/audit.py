@@ -147,38 +147,77 @@ class KafkaAuditSink:
 
     Used for events outside any batch (lifecycle, rebalances, loader) and, in at-least-once mode,
     for every event.
+
+    Each row is handed to the client once. `write` waits up to `flush_timeout_s` for the
+    deliveries; a row still in flight after that stays with the client, which keeps retrying it
+    itself (idempotent producer, until `message.timeout.ms`): producing it again would put a second
+    copy, with the same `event_id`, on the topic once the broker answers again. Only a row whose
+    delivery the client reported as failed is produced again, with the next `write` (`pending`).
+    `write` raises only when none of its rows could be handed to the client.
     """
 
     name = "kafka"
 
-    def __init__(self, producer_config: Mapping[str, Any], topic: str, service: str) -> None:
+    def __init__(self, producer_config: Mapping[str, Any], topic: str, service: str, *,
+                 flush_timeout_s: float = 10.0, max_pending: int = 10_000) -> None:
+        """`max_pending` bounds the rows kept for a new attempt (the oldest are dropped and counted)."""
         conf = {k: v for k, v in producer_config.items() if not k.startswith("transaction")}
         self._producer = Producer(conf)
         self._topic = topic
         self._key = service.encode()
+        self._flush_timeout_s = flush_timeout_s
+        self._max_pending = max_pending
+        self._failed: list[AuditRow] = []
+        self.dropped = 0
+
+    @property
+    def pending(self) -> int:
+        """Rows whose delivery failed, produced again with the next `write`."""
+        return len(self._failed)
 
     async def write(self, rows: Sequence[AuditRow]) -> None:
-        """Produce `rows` and wait for their delivery."""
+        """Produce the failed rows of earlier writes and `rows`; wait (bounded) for their delivery."""
         await asyncio.to_thread(self._write, rows)
 
     def _write(self, rows: Sequence[AuditRow]) -> None:
-        errors: list[str] = []
+        batch = [*self._failed, *rows]
+        self._failed = []
+        for index, row in enumerate(batch):
+            try:
+                self._produce(row)
+            except KafkaException as exc:
+                if index == 0 and rows:
+                    # nothing handed over: the caller keeps `rows`, this sink its own retries
+                    self._keep(batch[:len(batch) - len(rows)])
+                    raise
+                self._keep(batch[index:])
+                log.warning("audit produce failed", topic=self._topic, rows=len(batch) - index,
+                            error=str(exc))
+                break
+        remaining = self._producer.flush(self._flush_timeout_s)
+        if remaining or self._failed:
+            log.warning("audit delivery incomplete", topic=self._topic, in_flight=remaining,
+                        failed=len(self._failed))
 
+    def _produce(self, row: AuditRow) -> None:
         def delivered(err: KafkaError | None, _msg: object) -> None:
             if err is not None:
-                errors.append(str(err))
+                self._keep([row])
 
-        for row in rows:
-            while True:
-                try:
-                    self._producer.produce(self._topic, orjson.dumps(row.as_json()), self._key,
-                                           on_delivery=delivered)
-                    break
-                except BufferError:
-                    self._producer.poll(0.05)
-        remaining = self._producer.flush(10.0)
-        if remaining or errors:
-            raise KafkaException(f"audit delivery failed: {remaining} undelivered, errors {errors[:3]}")
+        while True:
+            try:
+                self._producer.produce(self._topic, orjson.dumps(row.as_json()), self._key,
+                                       on_delivery=delivered)
+                return
+            except BufferError:
+                self._producer.poll(0.05)
+
+    def _keep(self, rows: Sequence[AuditRow]) -> None:
+        self._failed.extend(rows)
+        overflow = len(self._failed) - self._max_pending
+        if overflow > 0:
+            del self._failed[:overflow]
+            self.dropped += overflow
 
     def close(self) -> None:
         """Flush what is left."""
@@ -268,7 +307,7 @@ class AuditEmitter:
             self._metrics.child(self._metrics.audit_queue_depth).set(0)
         for sink in self._sinks:
             rows = self._retry[sink.name] + [r for r, skip in batch if not (skip and sink.name == "kafka")]
-            if not rows:
+            if not rows and not getattr(sink, "pending", 0):
                 continue
             try:
                 await sink.write(rows)

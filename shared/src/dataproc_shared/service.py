@@ -180,6 +180,10 @@ async def serve(
             queue_size=settings.audit_queue_size,
             flush_interval_ms=settings.audit_flush_interval_ms,
             enabled=settings.audit_enabled_for(),
+            # With the Kafka sink on, the loop puts each batch's audit events (dead letters, dropped
+            # duplicates, batch summaries) into the batch's transaction; without the topic here they
+            # would only reach the audit topic by the emitter's periodic flush, after the commit.
+            kafka_topic=settings.audit_kafka_topic,
         )
         await stack.enter_async_context(audit)
         audit.emit(lifecycle_event("config_loaded", settings=settings.masked()))
