@@ -9,11 +9,11 @@ from urllib.parse import urlsplit
 
 import asyncpg
 import pytest
+from dptools.netproxy import NetProxy
 from enrichment.refstore import ReferenceStore, StoreOptions
 from enrichment.transform import AppliedChange, ChangeOp, ReferenceCache, Resolution
 
 from .conftest import with_port
-from .tcpproxy import TcpProxy
 
 pytestmark = pytest.mark.integration
 
@@ -80,7 +80,7 @@ async def test_loads_seed_and_applies_live_changes(refdata_dsn: str) -> None:
 
 async def test_connection_loss_serves_cache_and_catches_up_on_reconnect(refdata_dsn: str) -> None:
     target = urlsplit(refdata_dsn)
-    proxy = await TcpProxy(target.hostname or "127.0.0.1", target.port or 5432).start()
+    proxy = await asyncio.to_thread(NetProxy(target.hostname or "127.0.0.1", target.port or 5432).start)
     seen: list[tuple[AppliedChange, str]] = []
     cache = ReferenceCache()
     store = ReferenceStore(
@@ -93,7 +93,7 @@ async def test_connection_loss_serves_cache_and_catches_up_on_reconnect(refdata_
         async with store:
             assert await store.wait_loaded(10)
             seen.clear()
-            proxy.cut()
+            proxy.refuse(True)
             await _until(lambda: not store.current, 5)
             status = store.status()
             assert status.loaded
@@ -114,12 +114,12 @@ async def test_connection_loss_serves_cache_and_catches_up_on_reconnect(refdata_
             await asyncio.sleep(0.3)
             assert (cache.instrument("XNYS.BAC") or _none()).currency == "USD"
 
-            proxy.restore()
+            proxy.refuse(False)
             assert await store.wait_current(10)
             assert (cache.instrument("XNYS.BAC") or _none()).currency == "EUR"
             assert [(c.key, c.op, src) for c, src in seen] == [("XNYS.BAC", ChangeOp.UPDATE, "reconnect")]
     finally:
-        await proxy.close()
+        await asyncio.to_thread(proxy.close)
 
 
 async def test_periodic_refresh_catches_changes_that_were_not_announced(refdata_dsn: str) -> None:

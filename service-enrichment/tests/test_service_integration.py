@@ -16,11 +16,11 @@ import asyncpg
 import pytest
 from dataproc_shared.partitioning import partition_for
 from dataproc_shared.records import InRecord
+from dptools.netproxy import NetProxy
 from dptools.refdata import read_seed
 
 from .conftest import with_port
 from .harness import ServiceProcess, free_port, outcomes, produce_ticks, tick, wait_for
-from .tcpproxy import TcpProxy
 
 pytestmark = pytest.mark.integration
 
@@ -227,18 +227,18 @@ async def test_live_reload_reaches_the_next_tick(
 
 
 @pytest.fixture
-async def pg_proxy(refdata_dsn: str) -> AsyncIterator[TcpProxy]:
+async def pg_proxy(refdata_dsn: str) -> AsyncIterator[NetProxy]:
     target = urlsplit(refdata_dsn)
-    proxy = await TcpProxy(target.hostname or "127.0.0.1", target.port or 5432).start()
+    proxy = await asyncio.to_thread(NetProxy(target.hostname or "127.0.0.1", target.port or 5432).start)
     try:
         yield proxy
     finally:
-        await proxy.close()
+        await asyncio.to_thread(proxy.close)
 
 
 async def test_postgres_cut_and_restored_mid_stream(
     refdata_dsn: str,
-    pg_proxy: TcpProxy,
+    pg_proxy: NetProxy,
     topics: dict[str, str],
     service_factory: Callable[..., ServiceProcess],
     consume_all: Callable[..., list[InRecord]],
@@ -251,7 +251,7 @@ async def test_postgres_cut_and_restored_mid_stream(
     first = await asyncio.to_thread(_read, consume_all, topics, 100)
     assert {o.kind for o in first} == {"enriched"}
 
-    pg_proxy.cut()
+    pg_proxy.refuse(True)
     await asyncio.to_thread(
         wait_for,
         lambda: service.health()["dependencies"]["postgres"]["status"] == "down",
@@ -280,7 +280,7 @@ async def test_postgres_cut_and_restored_mid_stream(
     assert (await asyncio.to_thread(service.get, "/live"))[0] == 200  # waiting on purpose is not a stall
     assert await asyncio.to_thread(service.metric, "dp_dependency_up", dependency="postgres") == 0
 
-    pg_proxy.restore()
+    pg_proxy.refuse(False)
     found = await asyncio.to_thread(_read, consume_all, topics, 200)
     counts = Counter(o.n for o in found)
     assert sorted(counts) == list(range(200))
@@ -335,13 +335,13 @@ async def test_exactly_once_across_kill_9(
 
 async def test_not_ready_and_nothing_decided_until_the_first_load(
     refdata_dsn: str,
-    pg_proxy: TcpProxy,
+    pg_proxy: NetProxy,
     topics: dict[str, str],
     service_factory: Callable[..., ServiceProcess],
     consume_all: Callable[..., list[InRecord]],
     kafka_bootstrap: str,
 ) -> None:
-    pg_proxy.cut()  # PostgreSQL unreachable from the start
+    pg_proxy.refuse(True)  # PostgreSQL unreachable from the start
     ticks = [tick(*KNOWN[n % len(KNOWN)], n) for n in range(30)] + [tick("XNYS", "NOPE", 30)]
     await asyncio.to_thread(produce_ticks, kafka_bootstrap, topics["normalized"], PARTITIONS, ticks)
     service = service_factory(with_port(refdata_dsn, "127.0.0.1", pg_proxy.port))
@@ -356,7 +356,7 @@ async def test_not_ready_and_nothing_decided_until_the_first_load(
     assert (await asyncio.to_thread(service.get, "/live"))[0] == 200
     nothing = await asyncio.to_thread(consume_all, [topics["enriched"], topics["deadletter"]], timeout=30)
     assert nothing == []
-    pg_proxy.restore()
+    pg_proxy.refuse(False)
     await asyncio.to_thread(service.wait_ready, 30)
     found = await asyncio.to_thread(_read, consume_all, topics, len(ticks))
     assert sorted(o.n for o in found) == list(range(len(ticks)))
@@ -365,7 +365,7 @@ async def test_not_ready_and_nothing_decided_until_the_first_load(
 
 async def test_hold_longer_than_the_poll_interval_loses_and_duplicates_nothing(
     refdata_dsn: str,
-    pg_proxy: TcpProxy,
+    pg_proxy: NetProxy,
     topics: dict[str, str],
     service_factory: Callable[..., ServiceProcess],
     consume_all: Callable[..., list[InRecord]],
@@ -377,7 +377,7 @@ async def test_hold_longer_than_the_poll_interval_loses_and_duplicates_nothing(
         DATA_PROC_LOOP__SESSION_TIMEOUT_MS="6000",
     )
     await asyncio.to_thread(service.wait_ready)
-    pg_proxy.cut()
+    pg_proxy.refuse(True)
     await asyncio.to_thread(
         wait_for,
         lambda: service.health()["dependencies"]["postgres"]["status"] == "down",
@@ -388,7 +388,7 @@ async def test_hold_longer_than_the_poll_interval_loses_and_duplicates_nothing(
     ticks += [tick(*KNOWN[n % len(KNOWN)], n) for n in range(41, 80)]
     await asyncio.to_thread(produce_ticks, kafka_bootstrap, topics["normalized"], PARTITIONS, ticks)
     await asyncio.sleep(13)  # held well past max.poll.interval.ms: the consumer leaves its group
-    pg_proxy.restore()
+    pg_proxy.refuse(False)
     await asyncio.to_thread(_read, consume_all, topics, len(ticks))
     await asyncio.sleep(2)
     records = await asyncio.to_thread(consume_all, [topics["enriched"], topics["deadletter"]], timeout=60)

@@ -7,7 +7,9 @@ background thread, so a synchronous driver (the fault-injection suite) can switc
 - `blackhole(True)`: connections stay open but no byte is forwarded either way (new ones too), the
   way a dropped route looks to a client; `blackhole(False)` forwards again (held bytes are dropped and
   the held connections aborted, so clients reconnect);
-- `latency(seconds)`: every forwarded chunk is delayed by that much (0 = off).
+- `latency(seconds)`: every forwarded chunk is delayed by that much (0 = off);
+- `refuse(True)`: abort every open connection and every new one at once, the way a stopped server
+  looks to a client; `refuse(False)` forwards again.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ class NetProxy:
         self._server: asyncio.Server | None = None
         self._open: set[asyncio.StreamWriter] = set()
         self._blackhole = False
+        self._refuse = False
         self._latency = 0.0
 
     def start(self) -> NetProxy:
@@ -54,6 +57,12 @@ class NetProxy:
         """Stop (True) or resume (False) forwarding; resuming aborts the connections that were held."""
         self._blackhole = on
         if not on:
+            self.reset()
+
+    def refuse(self, on: bool) -> None:
+        """Refuse connections (True: every open one is aborted, new ones are closed at once) or not."""
+        self._refuse = on
+        if on:
             self.reset()
 
     def latency(self, seconds: float) -> None:
@@ -82,10 +91,17 @@ class NetProxy:
         self._open.clear()
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._refuse:
+            writer.transport.abort()
+            return
         try:
             up_reader, up_writer = await asyncio.open_connection(self.target_host, self.target_port)
         except OSError:
             writer.transport.abort()
+            return
+        if self._refuse:  # refused while connecting upstream
+            writer.transport.abort()
+            up_writer.transport.abort()
             return
         self.connections += 1
         self._open.update((writer, up_writer))
