@@ -110,6 +110,29 @@ def test_service_image_shape(name: str) -> None:
     assert not [c for c in context_copies(name) if c[0] == last]
 
 
+def _template(name: str) -> str:
+    """The Dockerfile of service `name` with its name and port replaced by placeholders.
+
+    The lines copying every workspace member's pyproject.toml (the lock needs them all) stay as they are.
+    """
+    lines = []
+    for line in DOCKERFILES[name].read_text().splitlines():
+        if not re.fullmatch(r"COPY service-[a-z]+/pyproject\.toml service-[a-z]+/", line):
+            line = line.replace(name, "{service}").replace(str(SERVICE_PORTS[name]), "{port}")
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def test_the_service_dockerfiles_are_one_template() -> None:
+    """The four service Dockerfiles differ only in the service's name and port."""
+    templates = {name: _template(name) for name in SERVICES}
+    first = templates[SERVICES[0]]
+    for name in SERVICES[1:]:
+        assert templates[name] == first, f"service-{name}/Dockerfile drifted from the shared template"
+    assert "{service}" in first
+    assert "{port}" in first
+
+
 @pytest.mark.parametrize("name", [*SERVICES, "tools"])
 def test_every_copied_path_exists_and_is_in_the_build_context(name: str) -> None:
     copies = context_copies(name)
