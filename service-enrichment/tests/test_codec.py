@@ -13,6 +13,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 _text = st.text(min_size=0, max_size=40)
+#: venue and symbol: ASCII or not, shorter and longer than 64 bytes (the splice's two ways to skip them)
+_listing_text = st.one_of(st.text(max_size=8), st.text(alphabet=st.characters(max_codepoint=127), min_size=60,
+                                                      max_size=70), st.text(min_size=30, max_size=70))
 _opt_float = st.one_of(st.none(), st.floats(allow_nan=False, allow_infinity=False))
 _opt_long = st.one_of(st.none(), st.integers(min_value=-(2**63), max_value=2**63 - 1))
 _long = st.integers(min_value=-(2**63), max_value=2**63 - 1)
@@ -21,8 +24,8 @@ _long = st.integers(min_value=-(2**63), max_value=2**63 - 1)
 @st.composite
 def _ticks(draw: st.DrawFn) -> dict[str, Any]:
     return {
-        "venue": draw(_text),
-        "symbol": draw(_text),
+        "venue": draw(_listing_text),
+        "symbol": draw(_listing_text),
         "kind": draw(st.sampled_from(["TRADE", "QUOTE"])),
         "ts_ns": draw(_long),
         "seq": draw(_opt_long),
@@ -116,3 +119,33 @@ def test_other_writer_versions_take_the_plain_path() -> None:
     instrument = Instrument("XNYS.IBM", "XNYS", "IBM", "IBM", "equity", "USD", 0.01, 1.0, True)
     venue = Venue("XNYS", "NYSE", "America/New_York", True)
     assert codec.encode(foreign, tick, instrument, venue) == codec.encode_plain(tick, instrument, venue)
+
+
+def test_a_changed_row_gets_its_own_prefix() -> None:
+    codec = TickCodec()
+    tick = {"venue": "XNYS", "symbol": "IBM", "kind": "TRADE", "ts_ns": 1, "seq": None, "trade_id": None,
+            "price": 1.0, "size": 1.0, "bid": None, "ask": None, "bid_size": None, "ask_size": None,
+            "ingest_ns": 2, "source_partition": 0, "source_offset": 3}
+    raw = avro.encode("normalized_tick", tick)
+    venue = Venue("XNYS", "NYSE", "America/New_York", True)
+    usd = Instrument("XNYS.IBM", "XNYS", "IBM", "IBM", "equity", "USD", 0.01, 1.0, True)
+    eur = Instrument("XNYS.IBM", "XNYS", "IBM", "IBM", "equity", "EUR", 0.01, 1.0, True)
+    moved = Venue("XNYS", "NYSE", "Europe/London", True)
+    for instrument, row in [(usd, venue), (eur, venue), (usd, venue), (usd, moved), (eur, moved)]:
+        spliced = codec.encode(raw, tick, instrument, row)
+        assert spliced == codec.encode_plain(tick, instrument, row)
+        out = avro.decode(spliced, "enriched_tick")
+        assert (out["currency"], out["venue_timezone"]) == (instrument.currency, row.timezone)
+
+
+@pytest.mark.parametrize("venue", ["X" * 63, "X" * 64, "X" * 200, "XÉ", ""])
+@pytest.mark.parametrize("symbol", ["IBM", "S" * 63, "S" * 64, "Ü" * 40])
+def test_splice_at_the_one_byte_length_boundary(venue: str, symbol: str) -> None:
+    codec = TickCodec()
+    tick = {"venue": venue, "symbol": symbol, "kind": "QUOTE", "ts_ns": 5, "seq": 7, "trade_id": None,
+            "price": None, "size": None, "bid": 1.0, "ask": 2.0, "bid_size": 3.0, "ask_size": None,
+            "ingest_ns": 6, "source_partition": 1, "source_offset": 9}
+    raw = avro.encode("normalized_tick", tick)
+    instrument = Instrument("X.IBM", venue, symbol, "IBM", "equity", "USD", None, None, True)
+    row = Venue(venue, "X", "UTC", True)
+    assert codec.encode(raw, codec.decode(raw), instrument, row) == codec.encode_plain(tick, instrument, row)

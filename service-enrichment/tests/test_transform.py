@@ -97,12 +97,14 @@ def _enricher(cache: ReferenceCache) -> Enricher:
 
 def test_known_tick_is_enriched_on_the_input_partition_with_key_and_headers() -> None:
     enricher = _enricher(_cache(IBM))
-    result = enricher.enrich([_record(_encode(_tick("XNYS", "IBM")))], cache_current=True)
+    record = _record(_encode(_tick("XNYS", "IBM")))
+    result = enricher.enrich([record], cache_current=True)
     assert isinstance(result, BatchResult)
     assert result.dead_letters == []
     (out,) = result.outputs
     assert (out.topic, out.partition, out.key) == ("enriched", 3, b"K")
     assert out.headers == (("dp-correlation-id", b"c1"),)
+    assert out.source is record  # the loop's header propagation takes the tracing headers from it
     value = _decode(out.value or b"")
     assert value["instrument_id"] == "XNYS.IBM"
     assert value["venue_timezone"] == "America/New_York"
@@ -315,6 +317,12 @@ def test_cache_follows_row_changes(ops: list[tuple[str, str | None, bool]]) -> N
         else:
             assert found.instrument == owner
             assert found.resolution is (Resolution.FOUND if owner.active else Resolution.INACTIVE)
+        # the fast path agrees with lookup
+        resolved = cache.resolve("XNYS", symbol)
+        if found.resolution is Resolution.FOUND:
+            assert resolved == (found.instrument, found.venue)
+        else:
+            assert resolved is None
     # a full reload of the same content changes nothing; a reload into an empty cache inserts all
     assert cache.load(ReferenceSnapshot((XNYS, EPEX), tuple(table.values()))) == []
     fresh = ReferenceCache()

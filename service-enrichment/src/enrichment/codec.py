@@ -30,6 +30,7 @@ OUTPUT_SCHEMA = "enriched_tick"
 REPLACED_FIELDS = ("venue", "symbol")
 #: Bound of the per-instrument prefix cache (cleared when exceeded).
 PREFIX_CACHE_MAX = 100_000
+_HEADER_SIZE = avro.HEADER_SIZE
 
 
 def _without_docs(value: Any) -> Any:
@@ -101,7 +102,7 @@ class TickCodec:
                 },
                 named_schemas={},
             )
-        self._prefixes: dict[tuple[Instrument, Venue], bytes] = {}
+        self._prefixes: dict[tuple[int, int], tuple[Instrument, Venue, bytes]] = {}
 
     @property
     def splices(self) -> bool:
@@ -114,10 +115,15 @@ class TickCodec:
 
     def encode(self, raw: bytes, tick: Mapping[str, Any], instrument: Instrument, venue: Venue) -> bytes:
         """The `enriched_tick` message for `tick` (decoded from `raw`) and its instrument."""
-        if self._prefix_schema is not None and raw[: len(self._in_header)] == self._in_header:
-            pos = len(self._in_header)
-            for _ in REPLACED_FIELDS:
-                pos = _skip_string(raw, pos)
+        if self._prefix_schema is not None and raw[:_HEADER_SIZE] == self._in_header:
+            venue_text, symbol = tick["venue"], tick["symbol"]
+            if len(venue_text) < 64 and len(symbol) < 64 and venue_text.isascii() and symbol.isascii():
+                # two ASCII strings shorter than 64 bytes: a one-byte length each, then the bytes
+                pos = _HEADER_SIZE + 2 + len(venue_text) + len(symbol)
+            else:
+                pos = _HEADER_SIZE
+                for _ in REPLACED_FIELDS:
+                    pos = _skip_string(raw, pos)
             return self._out_header + self._prefix(instrument, venue) + raw[pos:]
         return self._registry.encode(OUTPUT_SCHEMA, enriched_value(tick, instrument, venue))
 
@@ -126,14 +132,21 @@ class TickCodec:
         return self._registry.encode(OUTPUT_SCHEMA, enriched_value(tick, instrument, venue))
 
     def _prefix(self, instrument: Instrument, venue: Venue) -> bytes:
-        key = (instrument, venue)
+        # Keyed by the identity of the two rows (hashing them field by field cost more than the rest of
+        # the splice); an entry holds its rows, so their ids stay theirs while it lives. A changed row
+        # is a new object: it gets its own entry.
+        key = (id(instrument), id(venue))
         found = self._prefixes.get(key)
-        if found is None:
-            if len(self._prefixes) >= PREFIX_CACHE_MAX:
-                self._prefixes.clear()
-            values = enriched_value({}, instrument, venue)
-            buf = BytesIO()
-            schemaless_writer(buf, self._prefix_schema, {name: values[name] for name in self._prefix_names})
-            found = buf.getvalue()
-            self._prefixes[key] = found
-        return found
+        if found is not None and found[0] is instrument and found[1] is venue:
+            return found[2]
+        return self._new_prefix(key, instrument, venue)
+
+    def _new_prefix(self, key: tuple[int, int], instrument: Instrument, venue: Venue) -> bytes:
+        if len(self._prefixes) >= PREFIX_CACHE_MAX:
+            self._prefixes.clear()
+        values = enriched_value({}, instrument, venue)
+        buf = BytesIO()
+        schemaless_writer(buf, self._prefix_schema, {name: values[name] for name in self._prefix_names})
+        prefix = buf.getvalue()
+        self._prefixes[key] = (instrument, venue, prefix)
+        return prefix

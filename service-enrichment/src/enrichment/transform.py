@@ -233,6 +233,19 @@ class ReferenceCache:
             self._by_listing[after.listing] = after
         return AppliedChange(RefTable.INSTRUMENTS, _classify(before, after), change.key, before, after)
 
+    def resolve(self, venue: str, venue_symbol: str) -> tuple[Instrument, Venue] | None:
+        """The instrument and its venue when `lookup` would find them (both known and active), else None.
+
+        The per-tick fast path: nothing is allocated beyond the result; `lookup` says why not.
+        """
+        instrument = self._by_listing.get((venue, venue_symbol))
+        if instrument is None or not instrument.active:
+            return None
+        venue_row = self._venues.get(instrument.venue)
+        if venue_row is None or not venue_row.active:
+            return None
+        return instrument, venue_row
+
     def lookup(self, venue: str, venue_symbol: str) -> Lookup:
         """Resolve a tick's (`venue`, `symbol`) against (`venue`, `venue_symbol`)."""
         instrument = self._by_listing.get((venue, venue_symbol))
@@ -332,7 +345,8 @@ class Enricher:
     """Joins batches of normalized ticks with a `ReferenceCache`.
 
     Output records keep the input key, partition and headers (plus, when `event_time_header` is
-    given, that header with the tick's event time in ns as ASCII digits). A tick that does not
+    given, that header with the tick's event time in ns as ASCII digits), and name their input as
+    `source` (the loop takes the tracing headers from it). A tick that does not
     decode becomes an `undecodable` dead letter; an unknown or inactive instrument becomes an
     `unknown_instrument` / `inactive_instrument` dead letter, but only when the cache is current:
     otherwise the whole batch is returned as a `Hold`, so nothing is produced or committed past a
@@ -357,8 +371,11 @@ class Enricher:
     def enrich(self, batch: Sequence[InRecord], *, cache_current: bool) -> BatchResult | Hold:
         """Enrich `batch`, or return `Hold` when a record misses a cache that is not known current."""
         result = BatchResult()
+        outputs, dead_letters = result.outputs, result.dead_letters
         waiting: list[InRecord] = []
-        lookup = self._cache.lookup
+        resolve = self._cache.resolve
+        encode = self._encode
+        topic = self._output_topic
         event_header = self._event_time_header
         for record in batch:
             if record.value is None:
@@ -374,30 +391,23 @@ class Enricher:
                     DeadLetter(record, DeadLetterReason.UNDECODABLE, f"{type(exc).__name__}: {exc}")
                 )
                 continue
-            found = lookup(venue, symbol)
-            if found.resolution is Resolution.FOUND and found.instrument and found.venue:
+            resolved = resolve(venue, symbol)
+            if resolved is not None:
                 headers = record.headers
                 if event_header is not None:
-                    headers = (*headers, (event_header, str(tick["ts_ns"]).encode()))
-                result.outputs.append(
-                    OutRecord(
-                        topic=self._output_topic,
-                        key=record.key,
-                        value=self._encode(record.value, tick, found.instrument, found.venue),
-                        partition=record.partition,
-                        headers=headers,
-                    )
+                    headers = (*headers, (event_header, b"%d" % tick["ts_ns"]))
+                outputs.append(
+                    OutRecord(topic, record.key, encode(record.value, tick, *resolved), record.partition,
+                              headers, record)
                 )
-            elif not cache_current:
+                continue
+            found = self._cache.lookup(venue, symbol)
+            if not cache_current:
                 waiting.append(record)
             elif found.resolution is Resolution.UNKNOWN:
-                result.dead_letters.append(
-                    DeadLetter(record, DeadLetterReason.UNKNOWN_INSTRUMENT, found.detail)
-                )
+                dead_letters.append(DeadLetter(record, DeadLetterReason.UNKNOWN_INSTRUMENT, found.detail))
             else:
-                result.dead_letters.append(
-                    DeadLetter(record, DeadLetterReason.INACTIVE_INSTRUMENT, found.detail)
-                )
+                dead_letters.append(DeadLetter(record, DeadLetterReason.INACTIVE_INSTRUMENT, found.detail))
         if waiting:
             return Hold(tuple(waiting))
         return result
