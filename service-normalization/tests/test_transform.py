@@ -528,7 +528,7 @@ def make_normalizer(**kw: Any) -> Normalizer:
     config = NormalizerConfig(output_topic="norm", output_partitions=6, **kw)
     return Normalizer(
         config,
-        encode=lambda rec: orjson.dumps(dict(rec)),
+        encode=lambda tick: orjson.dumps(tick.to_avro()),
         partitioner=lambda key, n: len(key) % n,
         clock=lambda: NOW_NS,
     )

@@ -158,3 +158,29 @@ def test_doubles_are_little_endian_ieee() -> None:
               "source_partition": 0, "source_offset": 0}
     data = avro.encode("normalized_tick", record)
     assert struct.pack("<d", 1.5) in data
+
+
+def _varint_per_byte(n: int) -> bytes:
+    """The zig-zag varint written one 7-bit group at a time (the specification's loop)."""
+    z = (n << 1) ^ (n >> 63)
+    out = bytearray()
+    while z >= 0x80:
+        out.append((z & 0x7F) | 0x80)
+        z >>= 7
+    out.append(z)
+    return bytes(out)
+
+
+@given(LONGS)
+def test_varint_matches_the_per_byte_encoding(n: int) -> None:
+    assert write_long(n) == _varint_per_byte(n)
+
+
+def test_varint_at_every_length_boundary() -> None:
+    for bits in range(64):
+        for n in (2**bits - 1, 2**bits, -(2**bits), -(2**bits) - 1):
+            if -(2**63) <= n <= 2**63 - 1:
+                assert write_long(n) == _varint_per_byte(n), n
+    for bad in (2**63, -(2**63) - 1):
+        with pytest.raises(ValueError, match="64-bit"):
+            write_long(bad)

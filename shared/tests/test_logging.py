@@ -23,6 +23,8 @@ from dataproc_shared.logging import (
 )
 from dataproc_shared.masking import mask_text
 from dataproc_shared.records import CORRELATION_HEADER, INGEST_TIME_HEADER, InRecord
+from hypothesis import given
+from hypothesis import strategies as st
 
 
 @pytest.fixture
@@ -178,3 +180,13 @@ def test_derived_correlation_id_is_uuid5_of_the_coordinates() -> None:
         assert uuid5_str(name) == str(uuid.uuid5(_CORRELATION_NAMESPACE, name))
     rec = InRecord(topic="raw", partition=3, offset=42, key=None, value=b"", timestamp_ms=0, headers=())
     assert ensure_correlation_id(rec) == str(uuid.uuid5(_CORRELATION_NAMESPACE, "raw:3:42"))
+
+
+@given(st.text(max_size=300))
+def test_derived_correlation_id_matches_uuid5_for_any_name(name: str) -> None:
+    import uuid
+
+    from dataproc_shared.logging import _CORRELATION_NAMESPACE, uuid5_str
+
+    assert uuid5_str(name) == str(uuid.uuid5(_CORRELATION_NAMESPACE, name))
+    assert uuid5_str(name) == uuid5_str(name)  # the namespace state is copied, never consumed

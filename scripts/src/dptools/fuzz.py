@@ -210,12 +210,13 @@ class FuzzReport:
 
 def run(count: int, seed: int, batch_size: int = 200, partitions: int = 3) -> FuzzReport:
     """Fuzz the real normalization transform with `count` messages; never raises on a finding."""
+    from normalization.codec import tick_encoder
     from normalization.transform import Normalizer, NormalizerConfig
 
     report = FuzzReport(count=count, seed=seed, rss_mib_start=rss_mib())
     normalizer = Normalizer(
         NormalizerConfig(output_topic="fuzz.normalized", output_partitions=partitions),
-        encode=lambda record: avro.encode(SCHEMA, record), partitioner=partition_for, clock=time.time_ns,
+        encode=tick_encoder(), partitioner=partition_for, clock=time.time_ns,
     )
     outcomes: Counter[str] = Counter()
     families: dict[str, Counter[str]] = {}

@@ -14,20 +14,19 @@ from typing import Any
 
 import structlog
 from confluent_kafka.admin import AdminClient
-from dataproc_shared import avro
 from dataproc_shared.config import admin_config, kafka_common_config
 from dataproc_shared.errors import ConfigError
 from dataproc_shared.partitioning import partition_for
 from dataproc_shared.records import BatchResult, InRecord
 from dataproc_shared.state import ChangelogStore
 
+from normalization.codec import tick_encoder
 from normalization.dedup import DedupEntry, DedupWindow
 from normalization.settings import NormalizationSettings
 from normalization.transform import Normalizer, NormalizerConfig
 
 log = structlog.get_logger(__name__)
 
-SCHEMA = "normalized_tick"
 NS_PER_S = 1_000_000_000
 
 
@@ -98,7 +97,7 @@ class NormalizationProcessor:
                 dedup_window_ns=round(opts.dedup_window_s * NS_PER_S),
                 dedup_max_entries=opts.dedup_max_entries,
             ),
-            encode=lambda record: avro.encode(SCHEMA, record),
+            encode=tick_encoder(),
             partitioner=partition_for,
             clock=clock,
         )

@@ -57,6 +57,9 @@ class Verdict:
     first: DedupEntry | None = None
 
 
+_FRESH = Verdict(duplicate=False)
+
+
 class DedupWindow:
     """The de-duplication memory of one input partition (see the module docstring)."""
 
@@ -91,7 +94,7 @@ class DedupWindow:
             self._watermark_ns = ts_ns
             self._watermark_dirty = True
         self._enforce_bounds()
-        return Verdict(duplicate=False)
+        return _FRESH
 
     def pending_changes(self) -> list[tuple[str, DedupEntry | None]]:
         """Changes since the last `clear_pending`, one per key: the new entry, or None when removed.

