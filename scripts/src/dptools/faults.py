@@ -56,7 +56,7 @@ from typing import Any
 
 import structlog
 from confluent_kafka import Producer
-from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
+from confluent_kafka.admin import AdminClient
 
 from dptools.netproxy import NetProxy
 from dptools.pipeline import REPO, Pipeline, http_get
@@ -197,15 +197,14 @@ async def _load_reference(dsn: str, prefix: str) -> None:
 
 
 def _create_topics(bootstrap: str, topics: dict[str, str], audit: str) -> None:
-    admin = AdminClient({"bootstrap.servers": bootstrap})
-    new = []
-    for name, topic in topics.items():
-        parts = 1 if name == "DEADLETTER" else PARTITIONS
-        config = {"cleanup.policy": "compact"} if name.endswith("CHANGELOG") else {}
-        new.append(NewTopic(topic, num_partitions=parts, replication_factor=1, config=config))
-    new.append(NewTopic(audit, num_partitions=1, replication_factor=1))
-    for future in admin.create_topics(new, operation_timeout=30, request_timeout=30).values():
-        future.result()
+    """The run's topics as a deployment's topic job creates them (`plan_topics`: partitions, settings)."""
+    from dataproc_shared.config import Settings, load_settings
+    from dataproc_shared.topics import ensure_topics, plan_topics
+
+    settings = load_settings(Settings, topics={**{k.lower(): v for k, v in topics.items()},
+                                               "partitions": PARTITIONS, "side_partitions": 1},
+                             audit_kafka_topic=audit)
+    ensure_topics(AdminClient({"bootstrap.servers": bootstrap}), plan_topics(settings))
 
 
 def _with_port(url: str, port: int) -> str:
