@@ -570,6 +570,19 @@ def test_batch_outputs_dead_letters_and_duplicates() -> None:
     assert audit.details["first_offset"] == 0
 
 
+def test_batch_reports_the_event_time_each_input_partition_reached() -> None:
+    normalizer = make_normalizer()
+    batch = [
+        record(trade(ts=NOW_NS - 3_000), 0, partition=0),
+        record(trade(ts=NOW_NS - 2_000), 1, partition=0),
+        record(b"junk", 2, partition=0),  # no event time: the last valid tick's counts
+        record(quote(ts=NOW_NS - 9_000), 0, partition=1),
+        record(b"junk", 0, partition=2),
+    ]
+    result = normalizer.process(batch)
+    assert result.event_time_ns == {("raw", 0): NOW_NS - 2_000, ("raw", 1): NOW_NS - 9_000}
+
+
 def test_replay_of_the_same_offset_is_not_its_own_duplicate() -> None:
     normalizer = make_normalizer()
     first = normalizer.process([record(trade(trade_id="a"), 10)])

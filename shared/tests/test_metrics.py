@@ -32,6 +32,8 @@ def exercise(m: ServiceMetrics) -> None:
     m.set_lag("t.in", 0, 17)
     m.record_transaction("committed")
     m.record_rebalance("assign")
+    m.child(m.alignment_paused).set(2)
+    m.child(m.alignment_pauses).inc()
     m.child(m.audit_queue_depth).set(5)
     m.child(m.audit_dropped).inc()
     m.child(m.audit_written, sink="kafka").inc(7)

@@ -564,15 +564,19 @@ class Normalizer:
         """Transform a batch (in partition order) into a `BatchResult`."""
         result = BatchResult()
         now_ns = self._clock()
+        # Event time reached per input partition (its last valid tick's): the loop's alignment input.
+        reached = result.event_time_ns
         for record in batch:
             outcome = self.classify(record, now_ns)
             if isinstance(outcome, NormalizedTick):
                 result.outputs.append(self._out_record(record, outcome))
+                reached[(record.topic, record.partition)] = outcome.ts_ns
             elif isinstance(outcome, Rejection):
                 result.dead_letters.append(DeadLetter(record, outcome.reason, outcome.detail))
             else:
                 result.deduplicated += 1
                 result.audit.append(_duplicate_audit(record, outcome))
+                reached[(record.topic, record.partition)] = outcome.tick.ts_ns
         return result
 
     def _out_record(self, record: InRecord, tick: NormalizedTick) -> OutRecord:

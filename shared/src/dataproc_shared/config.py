@@ -199,6 +199,13 @@ class LoopOptions(BaseModel):
     #: At start, how long a needed topic may be missing on a reachable broker (a topic job still
     #: running, a restarted broker still loading its metadata) before the service exits with status 1.
     startup_topic_wait_s: float = Field(default=30.0, ge=0, le=3_600)
+    #: Event-time alignment (processors that report event times, e.g. normalization): an input
+    #: partition more than this ahead in event time of the slowest partition with records waiting
+    #: is paused until that one catches up. 0 turns it off. Keep it well below the aggregation's
+    #: allowed lateness (5 s): a partition can overshoot it by how far one batch advances it.
+    align_max_ahead_ms: int = Field(default=1_000, ge=0, le=3_600_000)
+    #: Longest pause by the alignment before the partition is let through once (starvation guard).
+    align_max_pause_ms: int = Field(default=10_000, ge=100, le=3_600_000)
 
     @model_validator(mode="after")
     def _thresholds(self) -> LoopOptions:

@@ -60,6 +60,12 @@ class ServiceMetrics:
         self.consumer_lag = g("dp_consumer_lag", "High watermark minus position.", ["topic", "partition"])
         self.transactions = c("dp_transactions_total", "Kafka transactions / commits.", ["outcome"])
         self.rebalances = c("dp_rebalances_total", "Partition rebalances.", ["kind"])
+        self.alignment_paused = g(
+            "dp_alignment_paused_partitions", "Input partitions paused by event-time alignment."
+        )
+        self.alignment_pauses = c(
+            "dp_alignment_pauses_total", "Input partitions paused by event-time alignment (each pause)."
+        )
         self.audit_queue_depth = g("dp_audit_queue_depth", "Audit events waiting.")
         self.audit_dropped = c("dp_audit_dropped_total", "Audit events dropped because the queue was full.")
         self.audit_written = c("dp_audit_written_total", "Audit events written per sink.", ["sink"])

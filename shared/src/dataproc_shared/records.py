@@ -112,16 +112,23 @@ class BatchResult:
     `outputs` are produced in order; `dead_letters` go to the dead-letter topic; `audit` events to the
     audit emitter; `deduplicated` counts records dropped as duplicates (for metrics and accounting).
     All of it is committed atomically with the input offsets in exactly-once mode.
+
+    `event_time_ns` (optional) is the event time (epoch ns) each input (topic, partition) reached
+    with this batch (its last record's). A processor that fills it opts into the loop's event-time
+    alignment of input partitions (`docs/runtime.md`); it is a scheduling hint, never committed.
     """
 
     outputs: list[OutRecord] = field(default_factory=list)
     dead_letters: list[DeadLetter] = field(default_factory=list)
     audit: list[AuditEvent] = field(default_factory=list)
     deduplicated: int = 0
+    event_time_ns: dict[tuple[str, int], int] = field(default_factory=dict)
 
     def extend(self, other: BatchResult) -> None:
-        """Append everything of `other` to this result."""
+        """Append everything of `other` to this result (`other`'s event times are the later ones)."""
         self.outputs.extend(other.outputs)
         self.dead_letters.extend(other.dead_letters)
         self.audit.extend(other.audit)
         self.deduplicated += other.deduplicated
+        if other.event_time_ns:
+            self.event_time_ns.update(other.event_time_ns)

@@ -45,6 +45,14 @@ the consumer's own prefetch is bounded by `queued.max.messages.kbytes`. A slow `
 by one batch); after a third of `max.poll.interval.ms` the partitions are paused and the consumer is
 polled to keep its group membership until the step finishes (`_guarded`).
 
+Event-time alignment (`dataproc_shared.kafka.alignment`, on unless `loop.align_max_ahead_ms` is 0):
+when the processor reports the event time each input partition reached (`BatchResult.event_time_ns`),
+the loop pauses, after each committed cycle, the partitions more than that bound ahead of the slowest
+partition that still has records waiting (cached high watermark above the position), and resumes
+them as it catches up or runs dry. Those pauses survive the other pause/resume paths (backpressure,
+slow steps); a rolled-back cycle's event times are discarded and a rewind makes every partition
+report again before anything is paused; a rebalance forgets the state of the partitions involved.
+
 Headers: `dp-correlation-id` and `dp-ingest-ns` are copied from an output's source record
 (`OutRecord.source`, else the input of the same key in the batch) when the processor did not set
 them; a source without a correlation id gives `<topic>-<partition>-<offset>` (stable across
@@ -76,6 +84,7 @@ from dataproc_shared.audit import AuditEmitter, lifecycle_event
 from dataproc_shared.config import Settings, consumer_config, producer_config
 from dataproc_shared.deadletter import TRUNCATED_HEADER, dead_letter_audit_event, dead_letter_record
 from dataproc_shared.errors import DataProcError
+from dataproc_shared.kafka.alignment import Alignment
 from dataproc_shared.metrics import ServiceMetrics
 from dataproc_shared.processor import Processor
 from dataproc_shared.records import (
@@ -228,6 +237,11 @@ class KafkaLoop:
         self._delivery_errors: list[str] = []
         self.committed_cycles = 0
         self.paused_for_slow_steps = 0
+        self._alignment = (
+            Alignment(self._opts.align_max_ahead_ms * 1_000_000, self._opts.align_max_pause_ms * 1_000_000)
+            if self._opts.align_max_ahead_ms > 0 else None
+        )
+        self._align_start: dict[TP, int] = {}
 
     @property
     def _c(self) -> Consumer:
@@ -340,8 +354,12 @@ class KafkaLoop:
         if now >= self._next_tick:
             self._next_tick = now + self._opts.tick_interval_ms / 1000
             result.extend(await self._processor.on_tick())
+        cycles = self.committed_cycles
         if batch.records or result.outputs or result.dead_letters or result.audit:
             await self._commit_cycle(batch, result, started)
+        if self._alignment is not None:
+            # A rolled-back cycle's event times are not reached any more (the input was rewound).
+            await self._align(result.event_time_ns if self.committed_cycles > cycles else {})
         if now >= self._next_lag:
             self._next_lag = now + LAG_INTERVAL_S
             lags = await asyncio.to_thread(self._update_lag)
@@ -614,6 +632,7 @@ class KafkaLoop:
                               details={"error": message[:500]}))
         await self._processor.on_abort()
         await asyncio.to_thread(self._rewind)
+        self._rewound_alignment()
         await asyncio.sleep(min(0.05 * 2 ** min(self._failures, 7), 5.0))
 
     async def _restart_producer(self) -> None:
@@ -679,6 +698,7 @@ class KafkaLoop:
             self._metrics.rebalance(kind)
             self._emit(lifecycle_event("rebalance", change=kind, partitions=[f"{t}[{p}]" for t, p in parts]))
             log.info("partitions " + kind, service=self._service, partitions=parts)
+            self._forget_alignment(parts)
             if kind == "assign":
                 fresh.update(parts)
                 await self._processor.on_assign(parts)
@@ -726,9 +746,10 @@ class KafkaLoop:
         finally:
             if not task.done():
                 task.cancel()
-            if paused and not self._events:
+            resume = self._not_held(paused)
+            if resume and not self._events:
                 with contextlib.suppress(KafkaException):
-                    await asyncio.to_thread(self._c.resume, paused)
+                    await asyncio.to_thread(self._c.resume, resume)
 
     def _keepalive_poll(self) -> None:
         msg = self._c.poll(0)
@@ -739,6 +760,87 @@ class KafkaLoop:
             # Not expected while paused; put it back so the next cycle reads it again.
             with contextlib.suppress(KafkaException):
                 self._c.seek(TopicPartition(topic, partition, offset))
+
+    # ---- event-time alignment of input partitions (dataproc_shared.kafka.alignment) -----------
+
+    async def _align(self, reached: dict[TP, int]) -> None:
+        """Take the processor's event times and pause/resume partitions per the alignment.
+
+        Pausing purges the partition's prefetched records in librdkafka; fetching restarts at the
+        position (last record handed to the loop + 1) on resume, so nothing is skipped or repeated.
+        Offsets to commit always come from the batch, and a rewind seeks paused partitions too.
+        """
+        alignment = self._alignment
+        if alignment is None:
+            return
+        alignment.report(reached)
+        if self._events or not alignment.needs_check(self._assigned):
+            return
+        await asyncio.to_thread(self._apply_alignment, alignment)
+
+    def _apply_alignment(self, alignment: Alignment) -> None:
+        consumer = self._c
+        decision = alignment.decide(self._waiting(), time.monotonic_ns())
+        if decision.pause:
+            consumer.pause([TopicPartition(t, p) for t, p in sorted(decision.pause)])
+        if decision.resume:
+            consumer.resume([TopicPartition(t, p) for t, p in sorted(decision.resume)])
+        if decision.pause or decision.resume:
+            self._metrics.alignment(len(alignment.paused), len(decision.pause))
+            log.debug("alignment", service=self._service, paused=sorted(decision.pause),
+                      resumed=sorted(decision.resume))
+
+    def _waiting(self) -> set[TP]:
+        """Assigned partitions with records waiting: cached high watermark above the position.
+
+        The cached high watermark is the one of the last fetch response (no broker round trip). A
+        partition not consumed yet has no position: its committed offset stands in (looked up once).
+        """
+        consumer = self._c
+        waiting: set[TP] = set()
+        if not self._assigned:
+            return waiting
+        try:
+            for tp in consumer.position([TopicPartition(t, p) for t, p in sorted(self._assigned)]):
+                key = (tp.topic, tp.partition)
+                wm = consumer.get_watermark_offsets(TopicPartition(tp.topic, tp.partition), cached=True)
+                if wm is None or wm[1] < 0:
+                    continue
+                low, high = wm
+                position = tp.offset if tp.offset >= 0 else self._start_offset(key, low)
+                if high > position:
+                    waiting.add(key)
+        except KafkaException as exc:
+            log.info("alignment: position look-up failed", service=self._service, error=str(exc))
+        return waiting
+
+    def _start_offset(self, tp: TP, low: int) -> int:
+        """Committed offset of a partition not consumed since its assignment (else `low`)."""
+        start = self._align_start.get(tp)
+        if start is None:
+            committed = self._c.committed([TopicPartition(*tp)], timeout=TXN_CALL_TIMEOUT_S)
+            start = committed[0].offset if committed and committed[0].offset >= 0 else low
+            self._align_start[tp] = start
+        return max(start, low)
+
+    def _forget_alignment(self, parts: list[TP]) -> None:
+        if self._alignment is not None:
+            self._alignment.forget(parts)
+            for tp in parts:
+                self._align_start.pop(tp, None)
+            self._metrics.alignment(len(self._alignment.paused), 0)
+
+    def _rewound_alignment(self) -> None:
+        if self._alignment is not None:
+            self._alignment.rewound()
+            self._align_start.clear()
+
+    def _not_held(self, tps: list[TopicPartition]) -> list[TopicPartition]:
+        """`tps` without the partitions the alignment keeps paused."""
+        if self._alignment is None or not self._alignment.paused:
+            return tps
+        held = self._alignment.held()
+        return [tp for tp in tps if (tp.topic, tp.partition) not in held]
 
     # ---- backpressure, lag --------------------------------------------------------------------
 
@@ -754,7 +856,7 @@ class KafkaLoop:
                 await asyncio.to_thread(producer.poll, 0.1)
                 self._heartbeat()
         finally:
-            await asyncio.to_thread(consumer.resume, tps)
+            await asyncio.to_thread(consumer.resume, self._not_held(tps))
 
     def _update_lag(self) -> dict[tuple[str, int], int]:
         """Refresh `dp_consumer_lag`; returns the lag of every assigned partition it could tell."""
@@ -852,6 +954,12 @@ class _Metrics:
 
     def rebalance(self, kind: str) -> None:
         self._m.record_rebalance(kind)
+
+    def alignment(self, paused: int, new_pauses: int) -> None:
+        m = self._m
+        m.child(m.alignment_paused).set(paused)
+        if new_pauses:
+            m.child(m.alignment_pauses).inc(new_pauses)
 
     def lag(self, topic: str, partition: int, lag: int) -> None:
         self._m.set_lag(topic, partition, lag)
