@@ -79,6 +79,20 @@ def metric(samples: dict[tuple[str, frozenset[tuple[str, str]]], float], name: s
     return sum(v for (n, lab), v in samples.items() if n == name and want <= set(lab))
 
 
+def late_trades(samples: dict[tuple[str, frozenset[tuple[str, str]]], float]) -> dict[str, float]:
+    """Late trades of the aggregation after a drain.
+
+    Dead-lettered trades, their share of its input (trades and quotes), and the share of
+    `late_trades` rows among the ClickHouse rows it wrote (one late row per interval it missed).
+    """
+    late = metric(samples, "dp_dead_letters_total", reason="late_trade")
+    consumed = metric(samples, "dp_messages_in_total")
+    late_rows = metric(samples, "dp_clickhouse_rows_written_total", table="late_trades")
+    rows = metric(samples, "dp_clickhouse_rows_written_total")
+    return {"dead_lettered": late, "share_of_input": late / consumed if consumed else 0.0,
+            "late_trade_rows": late_rows, "share_of_clickhouse_rows": late_rows / rows if rows else 0.0}
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of a process so far."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -314,6 +328,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="open-loop rates as shares of the drain rate")
     parser.add_argument("--redis-db", type=int, default=2, help="Redis database of the benchmark (flushed)")
     parser.add_argument("--out", type=Path, default=REPO / "bench-results")
+    parser.add_argument("--drain-only", action="store_true",
+                        help="skip the relay chain and the open loop (bar correctness after a backlog)")
     args = parser.parse_args(argv)
     env = dict(os.environ)
     bootstrap, dsn = env["DATA_PROC_KAFKA_BOOTSTRAP"], env["DATA_PROC_POSTGRES_DSN"]
@@ -341,10 +357,11 @@ def main(argv: list[str] | None = None) -> int:
     base.update({"DATA_PROC_LOG_LEVEL": "WARNING", "DATA_PROC_AUDIT_KAFKA_TOPIC": audit,
                  "DATA_PROC_CLICKHOUSE_URL": str(work / "chdb"), "DATA_PROC_REDIS_URL": redis_url})
     base.update({f"DATA_PROC_TOPICS__{k}": v for k, v in names.items()})
-    print("relay chain ...", flush=True)
-    results["relay_chain"] = run_relay_chain(bootstrap, names["RAW"], args.ticks, run_id, base, partitions,
-                                             work / "logs")
-    print(f"  {results['relay_chain']['ticks_per_s']:.0f} ticks/s", flush=True)
+    if not args.drain_only:
+        print("relay chain ...", flush=True)
+        results["relay_chain"] = run_relay_chain(bootstrap, names["RAW"], args.ticks, run_id, base,
+                                                 partitions, work / "logs")
+        print(f"  {results['relay_chain']['ticks_per_s']:.0f} ticks/s", flush=True)
 
     import redis
 
@@ -382,16 +399,19 @@ def main(argv: list[str] | None = None) -> int:
 
         tl = watch(lambda: metric(scrape(url("normalization")), "dp_messages_in_total"), done, 7200)
         drain_rate = args.ticks / (tl.end - tl.start)
+        relay_rate = results["relay_chain"]["ticks_per_s"] if "relay_chain" in results else None
         results["pipeline_drain"] = {
             "ticks": args.ticks, "seconds": tl.end - tl.start, "ticks_per_s": drain_rate,
-            "ratio_to_relay_chain": drain_rate / results["relay_chain"]["ticks_per_s"],
+            "ratio_to_relay_chain": drain_rate / relay_rate if relay_rate else None,
             "cpu_us_per_tick": {s: (cpu_seconds(p) - cpu0[s]) / args.ticks * 1e6 for s, p in pids.items()},
+            "late_trades": late_trades(scrape(url("aggregation"))),
         }
-        print(f"  {drain_rate:.0f} ticks/s, ratio {results['pipeline_drain']['ratio_to_relay_chain']:.2f}",
-              flush=True)
+        print(f"  {drain_rate:.0f} ticks/s"
+              + (f", ratio {drain_rate / relay_rate:.2f}" if relay_rate else ""), flush=True)
+        print(f"  late trades {results['pipeline_drain']['late_trades']}", flush=True)
 
         results["open_loop"] = []
-        for share in (float(x) for x in args.rates.split(",")):
+        for share in () if args.drain_only else (float(x) for x in args.rates.split(",")):
             rate = share * drain_rate
             print(f"open loop at {share:.0%} of the drain rate ({rate:.0f} ticks/s) ...", flush=True)
             listener.tick_latency_ms.clear()
@@ -418,6 +438,9 @@ def main(argv: list[str] | None = None) -> int:
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     path = args.out / f"bench-{stamp}.json"
     path.write_text(json.dumps(results, indent=2))
+    if args.drain_only:
+        print(f"results: {path}")
+        return 0
     plot(results, path.with_suffix(".png"))
     print(f"results: {path} and {path.with_suffix('.png')}")
     return 0
