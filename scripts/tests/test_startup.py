@@ -46,7 +46,12 @@ def test_a_service_started_before_the_broker_waits_then_processes(tmp_path: Path
                 "DATA_PROC_KAFKA__GROUP_ID": f"startup-{tag}", "DATA_PROC_INSTANCE_ID": f"startup-{tag}",
                 "DATA_PROC_AUDIT_SINKS": "kafka", "DATA_PROC_LOOP__STARTUP_BACKOFF_MAX_S": "2",
                 "DATA_PROC_LOOP__STARTUP_TOPIC_WAIT_S": "120", **topics.env()})
-    pipe = Pipeline(env=env, ports={"normalization": free_port()}, run_dir=tmp_path / "run",
+    # The stack's ports are free until it starts: the service's port must not be one of them.
+    taken = {stack.kafka_port, stack.controller_port, stack.postgres_port, stack.redis_port}
+    port = free_port()
+    while port in taken:
+        port = free_port()
+    pipe = Pipeline(env=env, ports={"normalization": port}, run_dir=tmp_path / "run",
                     log_dir=tmp_path / "logs", services=("normalization",))
     try:
         pipe.start("normalization")

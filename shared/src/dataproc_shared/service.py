@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import math
 import os
 import signal
 import sys
@@ -155,7 +156,9 @@ async def serve(
         needed = [*input_topics, settings.topics.deadletter]
         if settings.audit_enabled_for() and "kafka" in audit_sink_names(settings, clickhouse_owner):
             needed.append(settings.audit_kafka_topic)
-        missing = await wait_for_kafka(settings, admin, needed, metrics, stop)
+        startup = StartupHealth(settings, metrics)
+        stack.push_async_callback(startup.stop)
+        missing = await wait_for_kafka(settings, admin, needed, startup, stop)
         if missing is None:
             log.info("service stopped while waiting for kafka")
             return 0, False
@@ -192,6 +195,7 @@ async def serve(
 
         context = ServiceContext(settings, metrics, health, audit, stack, clickhouse)
         proc = await _build_processor(processor, context)
+        await startup.stop()  # hands the port over to the service's health server
         await stack.enter_async_context(health)
 
         loop = KafkaLoop(settings, proc, input_topics=input_topics, metrics=metrics, audit=audit,
@@ -228,8 +232,42 @@ STARTUP_BACKOFF_INITIAL_S = 0.5
 STARTUP_PROBE_TIMEOUT_S = 5.0
 
 
+class StartupHealth:
+    """The health server of a service that is not up yet: started only when start-up has to wait.
+
+    It serves the service's port while the service waits for a dependency (`/health` unhealthy with
+    the dependency down, `/ready` 503, `/live` 200: the process is fine, a restart would not help)
+    and until the service's own health server takes the port over (`stop`).
+    """
+
+    def __init__(self, settings: Settings, metrics: ServiceMetrics) -> None:
+        self._settings = settings
+        self._metrics = metrics
+        self._server: HealthServer | None = None
+
+    async def report(self, name: str, up: bool, error: str | None = None) -> None:
+        """Record the state of dependency `name`; start serving on the first report of a dependency down."""
+        if self._server is None:
+            if up:
+                return
+            settings = self._settings
+            # Live for as long as it waits: no loop runs yet whose heartbeat could stall.
+            self._server = HealthServer(settings.service, self._metrics, instance_id=settings.instance_id,
+                                        version=settings.version, host=settings.http.host,
+                                        port=settings.http.port, live_stall_timeout_s=math.inf)
+            await self._server.start()
+        self._server.report(name, up, error)
+        self._server.heartbeat()
+
+    async def stop(self) -> None:
+        """Free the port (idempotent)."""
+        server, self._server = self._server, None
+        if server is not None:
+            await server.stop()
+
+
 async def wait_for_kafka(
-    settings: Settings, admin: AdminClient, needed: Sequence[str], metrics: ServiceMetrics,
+    settings: Settings, admin: AdminClient, needed: Sequence[str], health: StartupHealth,
     stop: asyncio.Event, *, clock: Callable[[], float] = time.monotonic,
 ) -> list[str] | None:
     """Wait until the broker answers; return the topics of `needed` it lacks, None if `stop` was set.
@@ -237,47 +275,38 @@ async def wait_for_kafka(
     An unreachable broker is retried with exponential backoff for as long as it takes (the
     orchestrator may start the services before the broker). A needed topic missing on a reachable
     broker is waited for up to `loop.startup_topic_wait_s`, then returned: topics are created by the
-    topic tooling before the services, so that is a deployment error to stop on. While it waits, a
-    health server on the service's port answers: `/health` unhealthy with the `kafka` dependency down
-    and the reason, `/ready` 503, `/live` 200 (the process is fine; restarting it would not help).
+    topic tooling before the services, so that is a deployment error to stop on. Meanwhile `health`
+    reports the `kafka` dependency down with the reason.
     """
-    waiting: HealthServer | None = None
     delay = STARTUP_BACKOFF_INITIAL_S
     missing_since: float | None = None
     attempts = 0
-    try:
-        while True:
-            attempts += 1
-            try:
-                existing = await asyncio.to_thread(_topic_names, admin, STARTUP_PROBE_TIMEOUT_S)
-            except KafkaException as exc:
-                error = f"broker unreachable ({settings.kafka_bootstrap}): {exc}"
-                missing_since = None
-            else:
-                missing = sorted(set(needed) - existing)
-                if not missing:
-                    if attempts > 1:
-                        log.info("kafka reachable", attempts=attempts)
-                    return []
-                now = clock()
-                missing_since = now if missing_since is None else missing_since
-                if now - missing_since >= settings.loop.startup_topic_wait_s:
-                    return missing
-                error = "topics missing: " + ", ".join(missing)
-            if waiting is None:
-                waiting = HealthServer.from_settings(settings, metrics)
-                await waiting.start()
-            waiting.report("kafka", False, error)
-            waiting.heartbeat()
-            log.warning("waiting for kafka", error=error, attempt=attempts, retry_in_s=delay)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), delay)
-            if stop.is_set():
-                return None
-            delay = min(delay * 2, settings.loop.startup_backoff_max_s)
-    finally:
-        if waiting is not None:
-            await waiting.stop()
+    while True:
+        attempts += 1
+        try:
+            existing = await asyncio.to_thread(_topic_names, admin, STARTUP_PROBE_TIMEOUT_S)
+        except KafkaException as exc:
+            error = f"broker unreachable ({settings.kafka_bootstrap}): {exc}"
+            missing_since = None
+        else:
+            missing = sorted(set(needed) - existing)
+            if not missing:
+                if attempts > 1:
+                    log.info("kafka reachable", attempts=attempts)
+                await health.report("kafka", True)
+                return []
+            now = clock()
+            missing_since = now if missing_since is None else missing_since
+            if now - missing_since >= settings.loop.startup_topic_wait_s:
+                return missing
+            error = "topics missing: " + ", ".join(missing)
+        await health.report("kafka", False, error)
+        log.warning("waiting for kafka", error=error, attempt=attempts, retry_in_s=delay)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), delay)
+        if stop.is_set():
+            return None
+        delay = min(delay * 2, settings.loop.startup_backoff_max_s)
 
 
 def _topic_names(admin: AdminClient, timeout_s: float) -> set[str]:
