@@ -95,3 +95,14 @@ def test_a_new_schema_version_falls_back_to_the_generic_path(tmp_path: Path) -> 
     data = tick_encoder(registry)(tick)
     assert data == registry.encode(SCHEMA, tick.to_avro())
     assert data[2:10] == registry.get(SCHEMA).fingerprint != default_registry().get(SCHEMA).fingerprint
+
+
+@settings(max_examples=100)
+@given(st.lists(ticks, min_size=2, max_size=20), st.integers(min_value=0, max_value=3))
+def test_one_encoder_over_many_ticks_gives_the_generic_bytes(
+    batch: list[NormalizedTick], repeat: int
+) -> None:
+    # The encoder remembers the last event and ingest times; consecutive equal and unequal ones.
+    batch = [tick for tick in batch for _ in range(1 + repeat)]
+    encode = tick_encoder()
+    assert [encode(tick) for tick in batch] == [avro.encode(SCHEMA, tick.to_avro()) for tick in batch]

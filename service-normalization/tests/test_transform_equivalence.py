@@ -496,3 +496,13 @@ def test_an_iso_time_shifted_out_of_range_is_rejected_not_raised() -> None:
         value = json.dumps({"venue": "A", "symbol": "S", "price": 1, "size": 1, "ts": ts}).encode()
         out = parse_tick(value, lineage=LINEAGE, now_ns=NOW_NS, max_future_skew_ns=SKEW_NS)
         assert out == Rejection(DeadLetterReason.BAD_TIMESTAMP, "ts out of range")
+
+
+def test_memoized_identifiers_and_numbers_keep_their_limits() -> None:
+    symbol = "S" * 40  # a valid symbol (<= 64) but too long for a venue (<= 32)
+    first = {"venue": "A", "symbol": symbol, "price": "1.5", "size": " 2 ", "ts": 1}
+    for _ in range(2):  # the second pass reads the memoized spellings
+        assert_same(json.dumps(first).encode())
+        assert_same(json.dumps({**first, "venue": symbol}).encode())
+        assert_same(json.dumps({**first, "venue": "a:b", "symbol": "a:b"}).encode())
+        assert_same(json.dumps({**first, "price": " 1.5", "size": "-0.0"}).encode())

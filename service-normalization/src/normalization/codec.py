@@ -83,15 +83,23 @@ def tick_encoder(registry: avro.SchemaRegistry | None = None) -> TickEncoder:
 
 def _direct_encoder(header: bytes, label: str) -> TickEncoder:
     wl, some_double, two_doubles, kinds, short = write_long, _SOME_DOUBLE, _TWO_DOUBLES, _KIND, _SHORT
+    # The last event and ingest times and their varints: consecutive records often share them
+    # (ticks of one millisecond, records produced together).
+    last_ts, last_ts_bytes = 0, wl(0)
+    last_ingest, last_ingest_bytes = 0, wl(0)
 
     def encode(t: NormalizedTick) -> bytes:
+        nonlocal last_ts, last_ts_bytes, last_ingest, last_ingest_bytes
         try:
             venue = t.venue.encode()
             symbol = t.symbol.encode()
             n_venue, n_symbol = len(venue), len(symbol)
+            ts = t.ts_ns
+            if ts != last_ts:
+                last_ts, last_ts_bytes = ts, wl(ts)
             parts = [
                 header, short[n_venue] if n_venue < 64 else wl(n_venue), venue,
-                short[n_symbol] if n_symbol < 64 else wl(n_symbol), symbol, kinds[t.kind], wl(t.ts_ns),
+                short[n_symbol] if n_symbol < 64 else wl(n_symbol), symbol, kinds[t.kind], last_ts_bytes,
             ]
             append = parts.append
             seq = t.seq
@@ -112,7 +120,10 @@ def _direct_encoder(header: bytes, label: str) -> TickEncoder:
             else:
                 for x in (price, size, bid, ask, bid_size, ask_size):
                     append(_NULL if x is None else some_double(2, x))
-            append(wl(t.ingest_ns))
+            ingest = t.ingest_ns
+            if ingest != last_ingest:
+                last_ingest, last_ingest_bytes = ingest, wl(ingest)
+            append(last_ingest_bytes)
             partition = t.source_partition
             append(short[partition] if 0 <= partition < 64 else wl(partition))
             append(wl(t.source_offset))

@@ -3,6 +3,12 @@
 The rules are the external contract's "Raw tick" table; where the contract leaves room, the choices
 made here are written down in `service-normalization/README.md` ("Parsing rules"). Everything in this
 module is pure: the current time comes in as an argument, so every outcome is reproducible.
+
+Per-record cost matters here (every raw tick passes through `parse_tick`), so the common shapes take
+fast paths: exact JSON types are checked first, and accepted identifiers and numeric strings are
+memoized by their raw spelling in bounded module-level dicts (a memo never changes an outcome, it
+only skips recomputing it). `tests/test_transform_equivalence.py` holds these paths to the
+straightforward implementation.
 """
 
 from __future__ import annotations
@@ -225,7 +231,7 @@ def _build(
         ahead_ms = (ts_ns - now_ns) // 1_000_000
         raise _Reject(DeadLetterReason.FUTURE_TIMESTAMP, f"ts is {ahead_ms} ms ahead of the clock")
     seq = _seq(get("seq"))
-    if kind is TickKind.TRADE:
+    if kind is _TRADE:
         price = _required_number(get("price"), "price")
         size = _required_number(get("size"), "size")
         if size <= 0:
@@ -253,11 +259,22 @@ def _build(
     )
 
 
+#: Accepted identifiers by raw spelling (a few hundred instruments repeat in every batch).
+_IDENTIFIERS: dict[str, str] = {}
+_CACHE_LIMIT = 32768
+_CACHED_TEXT_LEN = 64
+
+
 def _identifier(raw: object, name: str, max_len: int) -> str:
     if type(raw) is str:  # the common case: every check passes
+        text = _IDENTIFIERS.get(raw)
+        if text is not None and len(text) <= max_len:
+            return text
         text = raw.strip().upper()
         # Not printable includes the lone surrogates, so a printable text is valid Unicode.
         if text and len(text) <= max_len and text.isprintable():
+            if len(raw) <= _CACHED_TEXT_LEN:
+                _remember(_IDENTIFIERS, raw, text)
             return text
     if raw is None:
         raise _Reject(DeadLetterReason.MISSING_FIELD, f"{name} is missing")
@@ -271,6 +288,13 @@ def _identifier(raw: object, name: str, max_len: int) -> str:
     raise _Reject(DeadLetterReason.BAD_FIELD, f"{name} contains control characters")
 
 
+def _remember(cache: dict[str, Any], key: str, value: Any) -> None:
+    """Memoize a pure function's result; the cache is bounded by starting over when full."""
+    if len(cache) >= _CACHE_LIMIT:
+        cache.clear()
+    cache[key] = value
+
+
 def _require_utf8(text: str, name: str) -> None:
     try:
         text.encode("utf-8")
@@ -279,6 +303,7 @@ def _require_utf8(text: str, name: str) -> None:
 
 
 #: `type` values as producers usually spell them (any other spelling goes the long way).
+_TRADE, _QUOTE = TickKind.TRADE, TickKind.QUOTE
 _KIND_WORDS = {
     "trade": TickKind.TRADE, "TRADE": TickKind.TRADE, "Trade": TickKind.TRADE,
     "quote": TickKind.QUOTE, "QUOTE": TickKind.QUOTE, "Quote": TickKind.QUOTE,
@@ -314,6 +339,10 @@ def _required_number(raw: object, name: str) -> float:
     return _parse_number(raw, name)
 
 
+#: Accepted numeric strings by raw spelling (prices and sizes repeat from tick to tick).
+_NUMBERS: dict[str, float] = {}
+
+
 def _parse_number(raw: object, name: str = "value") -> float:
     """A finite Float64 from a JSON number or a numeric string (the nearest double to its decimal).
 
@@ -322,9 +351,14 @@ def _parse_number(raw: object, name: str = "value") -> float:
     if isinstance(raw, float):
         value = raw
     elif isinstance(raw, str):
+        cached = _NUMBERS.get(raw)
+        if cached is not None:
+            return cached
         text = raw.strip()
         if _DECIMAL_RE.fullmatch(text):
             value = float(text)
+            if len(raw) <= _CACHED_TEXT_LEN and math.isfinite(value):
+                _remember(_NUMBERS, raw, value)
         elif text.lstrip("+-").lower() in _NON_FINITE_WORDS:
             raise _Reject(DeadLetterReason.NON_FINITE, f"{name} is {_short(text)}")
         else:
