@@ -1,10 +1,13 @@
-"""Pure parts of the Kafka loop: error classes and header propagation (no broker)."""
+"""Pure parts of the Kafka loop: error classes, header propagation, call deadlines (no broker)."""
 
 from __future__ import annotations
 
+import threading
+
 import pytest
-from confluent_kafka import KafkaError
+from confluent_kafka import KafkaError, KafkaException
 from dataproc_shared.config import load_settings
+from dataproc_shared.kafka import loop as loop_module
 from dataproc_shared.kafka.loop import KafkaLoop, classify
 from dataproc_shared.kafka.passthrough import PassthroughProcessor
 from dataproc_shared.metrics import ServiceMetrics
@@ -98,3 +101,35 @@ async def test_backpressure_pauses_until_the_producer_queue_drains() -> None:
     producer.queued = 100
     await lp._backpressure()
     assert consumer.calls == []
+
+
+def test_a_transactional_call_past_its_deadline_counts_as_hung(monkeypatch: pytest.MonkeyPatch) -> None:
+    """librdkafka can block in send_offsets_to_transaction forever: the loop walks away from it."""
+    monkeypatch.setattr(loop_module, "TXN_CALL_DEADLINE_S", 0.2)
+    kafka_loop = loop()
+    kafka_loop._runner = loop_module._CallRunner("unit-txn")
+    release = threading.Event()
+    try:
+        with pytest.raises(loop_module._CycleFailed) as failed:
+            kafka_loop._retry(lambda: release.wait(10), "send_offsets_to_transaction", deadline=True)
+        assert failed.value.kind == "hung"
+        assert "send_offsets_to_transaction" in str(failed.value)
+    finally:
+        release.set()
+        kafka_loop._runner.stop()
+
+
+def test_a_transactional_call_within_its_deadline_returns_its_result() -> None:
+    kafka_loop = loop()
+    kafka_loop._runner = loop_module._CallRunner("unit-txn")
+    try:
+        assert kafka_loop._retry(lambda: 42, "commit_transaction", deadline=True) == 42
+        with pytest.raises(loop_module._CycleFailed) as failed:
+            kafka_loop._retry(_raise_fenced, "commit_transaction", deadline=True)
+        assert failed.value.kind == "fatal"
+    finally:
+        kafka_loop._runner.stop()
+
+
+def _raise_fenced() -> None:
+    raise KafkaException(KafkaError(KafkaError._FENCED))

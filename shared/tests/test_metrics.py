@@ -31,6 +31,8 @@ def exercise(m: ServiceMetrics) -> None:
     m.record_latencies(event_ns=1_000_000_000, ingest_ns=2_000_000_000, now_ns=3_000_000_000)
     m.set_lag("t.in", 0, 17)
     m.record_transaction("committed")
+    m.record_hanging_transaction("abort")
+    m.record_abandoned_producer()
     m.record_rebalance("assign")
     m.child(m.alignment_paused).set(2)
     m.child(m.alignment_pauses).inc()

@@ -510,6 +510,10 @@ def run(profile: Profile, seed: int, workdir: Path) -> Report:
             "DATA_PROC_LOOP__TRANSACTION_TIMEOUT_MS": str(TX_TIMEOUT_MS),
             "DATA_PROC_LOOP__SESSION_TIMEOUT_MS": str(SESSION_TIMEOUT_MS),
             "DATA_PROC_LOOP__LIVE_STALL_TIMEOUT_S": str(LIVE_STALL_S),
+            # every producer of the run uses the 10 s transaction timeout: an open transaction whose
+            # producer wrote nothing for 3x that is hanging (the broker's maximum, 15 min, is the default)
+            "DATA_PROC_LOOP__HANGING_TRANSACTION_TIMEOUT_MS": str(3 * TX_TIMEOUT_MS),
+            "DATA_PROC_LOOP__HANGING_CHECK_INTERVAL_S": "10",
             "DATA_PROC_LOG_LEVEL": "INFO",
         })
         env.update({f"DATA_PROC_TOPICS__{name}": topic for name, topic in topics.items()})

@@ -6,6 +6,7 @@ import asyncio
 
 import structlog
 from dataproc_shared.config import kafka_common_config
+from dataproc_shared.kafka.hanging import HangingTransactionResolver
 from dataproc_shared.migrate import clickhouse_values, migrate_clickhouse
 from dataproc_shared.service import ServiceContext, run_service
 from dataproc_shared.state import ChangelogStore
@@ -40,6 +41,7 @@ async def build_processor(context: ServiceContext) -> AggregationProcessor:
         topic=settings.topics.changelog(SERVICE, "windows"),
         kafka_config=kafka_common_config(settings),
         codec="bytes",
+        hanging=HangingTransactionResolver.from_settings(settings, context.metrics),
     )
     return AggregationProcessor(
         config=opts.window_config(),

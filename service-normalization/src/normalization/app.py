@@ -16,6 +16,7 @@ import structlog
 from confluent_kafka.admin import AdminClient
 from dataproc_shared.config import admin_config, kafka_common_config
 from dataproc_shared.errors import ConfigError
+from dataproc_shared.kafka.hanging import HangingTransactionResolver
 from dataproc_shared.partitioning import partition_for
 from dataproc_shared.records import BatchResult, InRecord
 from dataproc_shared.state import ChangelogStore
@@ -112,6 +113,7 @@ class NormalizationProcessor:
             topic=settings.topics.changelog("normalization", "dedup"),
             kafka_config=kafka_common_config(settings),
             codec="bytes",
+            hanging=HangingTransactionResolver.from_settings(settings, metrics),
         )
         return cls(settings, store=store, metrics=metrics)
 

@@ -206,6 +206,13 @@ class LoopOptions(BaseModel):
     align_max_ahead_ms: int = Field(default=1_000, ge=0, le=3_600_000)
     #: Longest pause by the alignment before the partition is let through once (starvation guard).
     align_max_pause_ms: int = Field(default=10_000, ge=100, le=3_600_000)
+    #: An open transaction on a needed partition (input, changelog) whose producer wrote nothing for
+    #: this long is *hanging* and gets its missing marker (`dataproc_shared.kafka.hanging`). Unset:
+    #: the brokers' `transaction.max.timeout.ms`, the longest any transaction may stay open. Set it
+    #: lower only when no producer writing those topics uses a longer `transaction.timeout.ms`.
+    hanging_transaction_timeout_ms: int | None = Field(default=None, ge=1_000)
+    #: How often the assigned input partitions are checked for hanging transactions.
+    hanging_check_interval_s: float = Field(default=30.0, gt=0)
 
     @model_validator(mode="after")
     def _thresholds(self) -> LoopOptions:

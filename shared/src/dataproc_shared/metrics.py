@@ -59,6 +59,13 @@ class ServiceMetrics:
         )
         self.consumer_lag = g("dp_consumer_lag", "High watermark minus position.", ["topic", "partition"])
         self.transactions = c("dp_transactions_total", "Kafka transactions / commits.", ["outcome"])
+        self.hanging_transactions = c(
+            "dp_hanging_transactions_total",
+            "Hanging transactions found on a needed partition, by action (commit/abort marker written, "
+            "left to its coordinator, failed).", ["action"])
+        self.abandoned_producers = c(
+            "dp_abandoned_producers_total",
+            "Transactional producers abandoned because a transactional call exceeded its deadline.")
         self.rebalances = c("dp_rebalances_total", "Partition rebalances.", ["kind"])
         self.alignment_paused = g(
             "dp_alignment_paused_partitions", "Input partitions paused by event-time alignment."
@@ -161,6 +168,14 @@ class ServiceMetrics:
     def record_transaction(self, outcome: str) -> None:
         """A transaction / commit ended with `outcome` (`committed`, `aborted`, `failed`)."""
         self.child(self.transactions, outcome=outcome).inc()
+
+    def record_hanging_transaction(self, action: str) -> None:
+        """A hanging transaction was found; `action`: `commit`, `abort`, `left`, `failed`."""
+        self.child(self.hanging_transactions, action=action).inc()
+
+    def record_abandoned_producer(self) -> None:
+        """A transactional producer was abandoned in a hung call."""
+        self.child(self.abandoned_producers).inc()
 
     def record_rebalance(self, kind: str, count: int = 1) -> None:
         """A rebalance event `kind` (`assign`, `revoke`, `lost`)."""

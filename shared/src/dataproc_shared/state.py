@@ -15,6 +15,15 @@ Life cycle, driven by the processor's hooks:
 - `on_abort` -> `await store.reload()`: forget uncommitted changes, re-read the owned partitions;
 - `on_revoke` -> `store.drop(partitions)`.
 
+A partition whose end is held back by an open transaction (read up to its last stable offset, the
+high watermark beyond) waits for the transaction's outcome. When it stays there for
+`hanging_check_after_s`, the store asks its `HangingTransactionResolver`
+(`dataproc_shared.kafka.hanging`) every few seconds: a transaction open longer than the brokers'
+maximum transaction timeout and not in progress at its coordinator is *hanging* (a broker restart
+lost its marker) and gets the missing marker; the restore then reads on. The restore timeout is
+extended by that threshold while it waits on an open transaction, so a legitimately long
+transaction is waited for, not mistaken for a failure.
+
 Values are JSON (`codec="json"`, any orjson-serialisable value) or raw bytes (`codec="bytes"`).
 """
 
@@ -31,6 +40,7 @@ import structlog
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 
 from dataproc_shared.errors import DataProcError
+from dataproc_shared.kafka.hanging import HangingTransactionResolver
 from dataproc_shared.records import OutRecord
 
 #: Broker errors that pass once leadership settles (e.g. right after a broker restart).
@@ -59,12 +69,20 @@ class ChangelogStore:
         kafka_config: Mapping[str, Any],
         codec: Codec = "json",
         restore_timeout_s: float = 120.0,
+        hanging: HangingTransactionResolver | None = None,
+        hanging_check_after_s: float = 5.0,
     ) -> None:
-        """`kafka_config` holds the librdkafka connection settings (bootstrap servers, security)."""
+        """`kafka_config` holds the librdkafka connection settings (bootstrap servers, security).
+
+        `hanging` resolves hanging transactions on the changelog (default: one built from
+        `kafka_config`, threshold = the brokers' `transaction.max.timeout.ms`).
+        """
         self._topic = topic
         self._kafka_config = dict(kafka_config)
         self._codec: Codec = codec
         self._restore_timeout_s = restore_timeout_s
+        self._hanging = hanging
+        self._hanging_check_after_s = hanging_check_after_s
         self._data: dict[int, dict[str, Any]] = {}
         # Pending changes since the last `pending_changes()`: (partition, key) -> value or None.
         self._pending: dict[tuple[int, str], Any | None] = {}
@@ -73,6 +91,13 @@ class ChangelogStore:
     def topic(self) -> str:
         """The changelog topic."""
         return self._topic
+
+    @property
+    def hanging(self) -> HangingTransactionResolver:
+        """The resolver of hanging transactions on the changelog."""
+        if self._hanging is None:
+            self._hanging = HangingTransactionResolver(self._kafka_config)
+        return self._hanging
 
     @property
     def partitions(self) -> frozenset[int]:
@@ -205,9 +230,11 @@ class ChangelogStore:
             deadline = time.monotonic() + self._restore_timeout_s
             # Partitions read up to their last stable offset; the end counts only once no open
             # transaction lies beyond it (its records may still be committed: wait for the outcome).
-            at_stable_end: set[int] = set()
+            at_stable_end: dict[int, float] = {}
+            next_check = 0.0
             while remaining:
-                if time.monotonic() > deadline:
+                now = time.monotonic()
+                if now > deadline:
                     raise StateRestoreError(
                         f"changelog {self._topic} partitions {sorted(remaining)} not read to the end "
                         f"within {self._restore_timeout_s}s"
@@ -216,22 +243,41 @@ class ChangelogStore:
                     err = msg.error()
                     if err is not None:
                         if err.code() == KafkaError._PARTITION_EOF:
-                            at_stable_end.add(msg.partition() or 0)
+                            at_stable_end.setdefault(msg.partition() or 0, time.monotonic())
                             continue
                         raise StateRestoreError(f"reading changelog {self._topic}: {err}")
                     key, part = msg.key(), msg.partition()
                     if key is None or part is None:
                         continue
+                    at_stable_end.pop(part, None)
                     self.apply(out, part, key, msg.value())
                 for part in sorted(at_stable_end):
                     if self._settled(consumer, part):
-                        at_stable_end.discard(part)
+                        del at_stable_end[part]
                         remaining.discard(part)
+                waiting = [p for p, since in at_stable_end.items()
+                           if now - since >= self._hanging_check_after_s]
+                if waiting and now >= next_check:
+                    next_check = now + self._hanging_check_after_s
+                    deadline = max(deadline, self._check_hanging(waiting))
         except KafkaException as exc:
             raise StateRestoreError(f"reading changelog {self._topic}: {exc}") from exc
         finally:
             consumer.close()
         return out
+
+    def _check_hanging(self, partitions: list[int]) -> float:
+        """Resolve hanging transactions on `partitions`; returns how long the restore may wait for them."""
+        resolver = self.hanging
+        log.info("changelog restore waits for an open transaction", changelog=self._topic,
+                 partitions=partitions)
+        try:
+            resolver.resolve(self._topic, partitions)
+            threshold = resolver.threshold_s(-1) if resolver.supported else 0.0
+        except Exception as exc:
+            log.warning("hanging transaction check failed", changelog=self._topic, error=str(exc))
+            return 0.0
+        return time.monotonic() + threshold + self._restore_timeout_s
 
     def _settled(self, consumer: Consumer, partition: int) -> bool:
         """Whether the position reached the high watermark (no open transaction beyond it)."""

@@ -24,10 +24,25 @@ the previous cycle has committed (or aborted) before the next `consume` can serv
 
 Errors (librdkafka classes): retriable -> retry the call; abortable (`txn_requires_abort`) -> abort,
 `processor.on_abort()`, rewind every assigned partition to its committed offset, redo; fatal or
-fenced -> recreate the producer (`init_transactions` again, which also fences/finishes our previous
-transaction), `on_abort`, rewind; after `MAX_PRODUCER_RESTARTS` restarts within
+fenced -> close the producer, create a new one (`init_transactions` again, which also fences/finishes
+our previous transaction), `on_abort`, rewind; after `MAX_PRODUCER_RESTARTS` restarts within
 `PRODUCER_RESTART_WINDOW_S` the loop raises `LoopFatalError` and the service exits non-zero for the
-orchestrator. An exception from `processor.process` is treated as a bug that one of the records
+orchestrator.
+
+Transactional calls that reach the broker (`init_transactions`, `send_offsets_to_transaction`,
+`commit_transaction`, `abort_transaction`) run in the producer's own daemon thread with a deadline
+(`TXN_CALL_DEADLINE_S`, above librdkafka's own timeout): librdkafka can block in them forever after
+a broker restart (confluentinc/librdkafka#5456). A call past its deadline counts as *hung*: the
+producer is abandoned where it blocks (kept referenced, never touched again), a new one with the
+same `transactional.id` is created - its `init_transactions` fences the old one and aborts its open
+transaction - and the cycle is redone. The loop keeps its liveness heartbeat while it waits.
+
+Hanging transactions (exactly-once only): every `loop.hanging_check_interval_s` the assigned input
+partitions are checked for a transaction left open by a broker restart (`kafka.hanging`): found ones
+get their missing marker, are logged, counted (`dp_hanging_transactions_total`) and reported in
+`/health` as the non-critical dependency `kafka_transactions`.
+
+An exception from `processor.process` is treated as a bug that one of the records
 triggers: the batch is redone record by record and the record that raises becomes a
 `processing_error` dead letter, so the partition keeps flowing.
 
@@ -62,7 +77,11 @@ replays), without an ingest time its Kafka timestamp.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
+import functools
+import queue
+import threading
 import time
 from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -85,6 +104,7 @@ from dataproc_shared.config import Settings, consumer_config, producer_config
 from dataproc_shared.deadletter import TRUNCATED_HEADER, dead_letter_audit_event, dead_letter_record
 from dataproc_shared.errors import DataProcError
 from dataproc_shared.kafka.alignment import Alignment
+from dataproc_shared.kafka.hanging import HangingTransactionResolver
 from dataproc_shared.metrics import ServiceMetrics
 from dataproc_shared.processor import Processor
 from dataproc_shared.records import (
@@ -110,6 +130,8 @@ PRODUCER_RESTART_WINDOW_S = 300.0
 LAG_INTERVAL_S = 10.0
 #: Timeout of one blocking transactional call before it is retried (librdkafka needs a finite one).
 TXN_CALL_TIMEOUT_S = 30.0
+#: A transactional call still blocked this long after it started is abandoned with its producer.
+TXN_CALL_DEADLINE_S = TXN_CALL_TIMEOUT_S + 15.0
 #: Longest wait between keep-alive polls while a slow processor step runs.
 KEEPALIVE_MAX_S = 30.0
 #: How often a retriable error is retried before the cycle is aborted.
@@ -118,7 +140,7 @@ RETRIES = 5
 _FENCED_CODES = frozenset({KafkaError._FENCED, KafkaError.PRODUCER_FENCED, KafkaError.INVALID_PRODUCER_EPOCH})
 
 T = TypeVar("T")
-ErrorClass = Literal["retriable", "abortable", "fatal"]
+ErrorClass = Literal["retriable", "abortable", "fatal", "hung"]
 RebalanceKind = Literal["assign", "revoke", "lost"]
 TP = tuple[str, int]
 
@@ -148,6 +170,36 @@ def classify(error: KafkaError) -> ErrorClass:
     if error.retriable():
         return "retriable"
     return "abortable"
+
+
+class _CallRunner:
+    """Runs one client's blocking calls in a daemon thread that the loop can walk away from."""
+
+    def __init__(self, name: str) -> None:
+        self._queue: queue.SimpleQueue[tuple[Callable[[], Any], concurrent.futures.Future[Any]] | None] = (
+            queue.SimpleQueue())
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            call, future = item
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(call())
+            except BaseException as exc:
+                future.set_exception(exc)
+
+    def call(self, call: Callable[[], T], deadline_s: float) -> T:
+        """`call()` in the runner's thread; `TimeoutError` when it has not returned by `deadline_s`."""
+        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+        self._queue.put((call, future))
+        return future.result(timeout=deadline_s)
+
+    def stop(self) -> None:
+        """Let the thread end after the call it runs (if any) returns."""
+        self._queue.put(None)
 
 
 def _error_of(exc: KafkaException) -> KafkaError | None:
@@ -228,6 +280,12 @@ class KafkaLoop:
         self._transactional_id = f"{settings.service}-{settings.instance_id}"
         self._consumer: Consumer | None = None
         self._producer: Producer | None = None
+        self._runner: _CallRunner | None = None
+        #: producers abandoned in a hung call (kept referenced: destroying one would block too)
+        self._abandoned: list[tuple[Producer, _CallRunner]] = []
+        self._hanging = HangingTransactionResolver.from_settings(settings, metrics)
+        self._next_hanging = time.monotonic() + settings.loop.hanging_check_interval_s
+        self._hanging_task: asyncio.Task[None] | None = None
         self._assigned: set[TP] = set()
         self._events: list[tuple[RebalanceKind, list[TP]]] = []
         self._restarts: list[float] = []
@@ -235,6 +293,7 @@ class KafkaLoop:
         self._next_lag = 0.0
         self._failures = 0
         self._delivery_errors: list[str] = []
+        self._consumer_fatal: KafkaError | None = None
         self.committed_cycles = 0
         self.paused_for_slow_steps = 0
         self._alignment = (
@@ -284,7 +343,7 @@ class KafkaLoop:
             # the session timeout of its previous incarnation.
             "group.instance.id": self._transactional_id,
         })
-        consumer = Consumer(conf)
+        consumer = Consumer({**conf, "error_cb": self._cb_consumer_error})
         consumer.subscribe(self._topics, on_assign=self._cb_assign, on_revoke=self._cb_revoke,
                            on_lost=self._cb_lost)
         self._consumer = consumer
@@ -297,18 +356,35 @@ class KafkaLoop:
         else:
             conf = producer_config(self._settings, None, **overrides)
         producer = Producer({**conf, "error_cb": self._cb_error})
+        self._runner = _CallRunner(f"{self._service}-txn")
         if self._exactly_once:
-            self._retry(lambda: producer.init_transactions(TXN_CALL_TIMEOUT_S), "init_transactions")
+            self._retry(lambda: producer.init_transactions(TXN_CALL_TIMEOUT_S), "init_transactions",
+                        deadline=True)
         return producer
+
+    def _cb_consumer_error(self, err: KafkaError) -> None:
+        if err.fatal():
+            # e.g. fenced by a consumer with the same group.instance.id: it will never consume again
+            self._consumer_fatal = err
+        self._cb_error(err)
 
     def _cb_error(self, err: KafkaError) -> None:
         log.warning("kafka client error", service=self._service, error=str(err), fatal=err.fatal())
 
-    def _retry(self, call: Callable[[], Any], what: str) -> Any:
-        """Run a blocking client call, retrying retriable errors; raise `_CycleFailed` otherwise."""
+    def _retry(self, call: Callable[[], Any], what: str, *, deadline: bool = False) -> Any:
+        """Run a blocking client call, retrying retriable errors; raise `_CycleFailed` otherwise.
+
+        With `deadline`, the call runs in the producer's runner thread and is given up after
+        `TXN_CALL_DEADLINE_S` (`_CycleFailed("hung")`).
+        """
+        runner = self._runner
         for attempt in range(RETRIES):
             try:
+                if deadline and runner is not None:
+                    return runner.call(call, TXN_CALL_DEADLINE_S)
                 return call()
+            except concurrent.futures.TimeoutError as exc:
+                raise _CycleFailed("hung", f"{what}: no answer within {TXN_CALL_DEADLINE_S:.0f}s") from exc
             except KafkaException as exc:
                 err = _error_of(exc)
                 kind: ErrorClass = classify(err) if err is not None else "fatal"
@@ -338,6 +414,8 @@ class KafkaLoop:
 
     async def _cycle(self) -> None:
         consumer = self._c
+        if self._consumer_fatal is not None:
+            raise LoopFatalError(f"consumer failed: {self._consumer_fatal}")
         self._heartbeat()
         await self._backpressure()
         msgs = await asyncio.to_thread(self._consume, consumer)
@@ -360,6 +438,9 @@ class KafkaLoop:
         if self._alignment is not None:
             # A rolled-back cycle's event times are not reached any more (the input was rewound).
             await self._align(result.event_time_ns if self.committed_cycles > cycles else {})
+        if self._exactly_once and now >= self._next_hanging and self._hanging_task is None:
+            self._next_hanging = now + self._opts.hanging_check_interval_s
+            self._hanging_task = asyncio.create_task(self._check_hanging(), name="hanging-transactions")
         if now >= self._next_lag:
             self._next_lag = now + LAG_INTERVAL_S
             lags = await asyncio.to_thread(self._update_lag)
@@ -464,7 +545,7 @@ class KafkaLoop:
             # which must not see this cycle half-way. Roll back; the next cycle applies the change.
             raise _CycleFailed("abortable", "rebalance during the cycle")
         if self._exactly_once:
-            await asyncio.to_thread(self._commit_transaction, batch.offsets())
+            await self._beating(asyncio.to_thread(self._commit_transaction, batch.offsets()))
         else:
             await asyncio.to_thread(self._flush_and_commit, batch.offsets())
         return produced
@@ -597,8 +678,9 @@ class KafkaLoop:
         if offsets:
             metadata = consumer.consumer_group_metadata()
             self._retry(lambda: producer.send_offsets_to_transaction(offsets, metadata, TXN_CALL_TIMEOUT_S),
-                        "send_offsets_to_transaction")
-        self._retry(lambda: producer.commit_transaction(TXN_CALL_TIMEOUT_S), "commit_transaction")
+                        "send_offsets_to_transaction", deadline=True)
+        self._retry(lambda: producer.commit_transaction(TXN_CALL_TIMEOUT_S), "commit_transaction",
+                    deadline=True)
 
     def _flush_and_commit(self, offsets: list[TopicPartition]) -> None:
         producer, consumer = self._p, self._c
@@ -615,17 +697,18 @@ class KafkaLoop:
         self._failures += 1
         log.warning("cycle rolled back", service=self._service, error_class=kind, error=message,
                     consecutive=self._failures)
-        if self._exactly_once and kind != "fatal":
+        if self._exactly_once and kind not in ("fatal", "hung"):
             producer = self._p
             try:
-                await asyncio.to_thread(self._retry, lambda: producer.abort_transaction(TXN_CALL_TIMEOUT_S),
-                                        "abort_transaction")
+                await self._beating(asyncio.to_thread(
+                    self._retry, lambda: producer.abort_transaction(TXN_CALL_TIMEOUT_S), "abort_transaction",
+                    deadline=True))
             except _CycleFailed as exc:
                 log.warning("abort failed", service=self._service, error=str(exc))
-                kind = "fatal"
-        if kind == "fatal":
+                kind = "hung" if exc.kind == "hung" else "fatal"
+        if kind in ("fatal", "hung"):
             self._metrics.transaction("failed")
-            await self._restart_producer()
+            await self._restart_producer(abandon=kind == "hung")
         else:
             self._metrics.transaction("aborted")
         self._emit(AuditEvent(event_type="transaction_aborted", outcome="aborted", reason=kind,
@@ -635,18 +718,38 @@ class KafkaLoop:
         self._rewound_alignment()
         await asyncio.sleep(min(0.05 * 2 ** min(self._failures, 7), 5.0))
 
-    async def _restart_producer(self) -> None:
+    async def _restart_producer(self, *, abandon: bool = False) -> None:
+        """Replace the producer.
+
+        The old one is closed first - never two producers with our transactional id alive at
+        once - unless it is `abandon`ed in a hung call (then the new one's `init_transactions`
+        fences it).
+        """
         now = time.monotonic()
         self._restarts = [t for t in self._restarts if now - t < PRODUCER_RESTART_WINDOW_S] + [now]
         if len(self._restarts) > MAX_PRODUCER_RESTARTS:
             raise LoopFatalError(f"producer failed fatally {len(self._restarts)} times "
                                  f"within {PRODUCER_RESTART_WINDOW_S:.0f}s")
-        old = self._producer
-        if old is not None:
-            await asyncio.to_thread(old.purge)
+        old, runner = self._producer, self._runner
+        self._producer = self._runner = None
+        if old is not None and runner is not None:
+            if not abandon:
+                try:
+                    await asyncio.to_thread(runner.call, functools.partial(_close_producer, old),
+                                            TXN_CALL_DEADLINE_S)
+                except concurrent.futures.TimeoutError:
+                    abandon = True
+            if abandon:
+                self._abandoned.append((old, runner))
+                self._metrics.abandoned()
+                log.warning("producer abandoned in a hung call", service=self._service,
+                            transactional_id=self._transactional_id, abandoned=len(self._abandoned))
+            else:
+                runner.stop()
+        del old
         for attempt in range(RETRIES):
             try:
-                self._producer = await asyncio.to_thread(self._new_producer)
+                self._producer = await self._beating(asyncio.to_thread(self._new_producer))
                 log.info("producer recreated", service=self._service, transactional_id=self._transactional_id)
                 return
             except (_CycleFailed, KafkaException) as exc:
@@ -701,7 +804,7 @@ class KafkaLoop:
             self._forget_alignment(parts)
             if kind == "assign":
                 fresh.update(parts)
-                await self._processor.on_assign(parts)
+                await self._beating(self._processor.on_assign(parts))
                 self._assigned.update(parts)
             else:
                 self._assigned.difference_update(parts)
@@ -716,6 +819,38 @@ class KafkaLoop:
         if fresh:
             await asyncio.to_thread(consumer.resume, [TopicPartition(t, p) for t, p in sorted(fresh)])
         self._listener.assigned(frozenset(self._assigned))
+
+    # ---- hanging transactions, liveness while waiting -----------------------------------------
+
+    async def _check_hanging(self) -> None:
+        """Resolve hanging transactions on the assigned input partitions; report them in /health."""
+        try:
+            by_topic: dict[str, list[int]] = {}
+            for topic, partition in sorted(self._assigned):
+                by_topic.setdefault(topic, []).append(partition)
+            found = []
+            for topic, parts in by_topic.items():
+                found += await asyncio.to_thread(self._hanging.resolve, topic, parts)
+            report = getattr(self._listener, "report", None)
+            if report is not None:
+                if found:
+                    report("kafka_transactions", False, "; ".join(t.describe() for t in found)[:500],
+                           critical=False)
+                else:
+                    report("kafka_transactions", True, critical=False)
+        except Exception as exc:
+            log.info("hanging transaction check failed", service=self._service, error=str(exc))
+        finally:
+            self._hanging_task = None
+
+    async def _beating(self, step: Awaitable[T]) -> T:
+        """Await `step` (a restore, a transactional call with its own deadline) keeping `/live` up."""
+        task = asyncio.ensure_future(step)
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=1.0)
+            if done:
+                return task.result()
+            self._heartbeat()
 
     # ---- slow steps: keep the group membership while consumption is paused ---------------------
 
@@ -888,8 +1023,12 @@ class KafkaLoop:
 
     async def _close(self) -> None:
         consumer, producer = self._consumer, self._producer
+        if self._hanging_task is not None:
+            self._hanging_task.cancel()
         if producer is not None:
             await asyncio.to_thread(producer.flush, 10.0)
+        if self._runner is not None:
+            self._runner.stop()
         if consumer is not None:
             # close() serves the final revocation; the processor hears about it after.
             await asyncio.to_thread(consumer.close)
@@ -969,8 +1108,23 @@ class _Metrics:
             with contextlib.suppress(KeyError):
                 self._m.forget_partition(topic, partition)
 
+    def abandoned(self) -> None:
+        self._m.record_abandoned_producer()
+
     def tick(self, now_s: float) -> None:
         self._m.heartbeat(now_s)
+
+
+def _close_producer(producer: Producer) -> None:
+    """Drop what a failed producer still holds and close it (before a new one takes its id).
+
+    A producer in a fatal state may raise from any of these calls; closing goes on regardless.
+    """
+    for step in (producer.purge, lambda: producer.flush(0), producer.close):
+        try:
+            step()
+        except (KafkaException, RuntimeError) as exc:
+            log.info("closing a failed producer", error=str(exc))
 
 
 def _observe_ns(histogram: Any, now_ns: int, raw: bytes) -> None:

@@ -1,0 +1,253 @@
+"""Detect and resolve hanging Kafka transactions on the partitions a service needs.
+
+A *hanging transaction* is an open transaction on a partition that no commit or abort marker will
+ever close: the last stable offset (LSO) stays below it, so a `read_committed` consumer (the loop's
+input, a changelog restore) never reads past it. Seen after broker restarts in the middle of a
+commit (`docs/reliability.md`, finding 6): the coordinator completed the transaction but the marker
+never reached one partition. Kafka's own remedy is an operator running
+`kafka-transactions.sh find-hanging` and `abort` (KIP-664); this module does the same without one:
+
+1. `DescribeProducers` on the partition's leader: producers with an open transaction
+   (`current_txn_start_offset >= 0`) whose last write is older than `hanging_after_s`. The default is
+   the brokers' `transaction.max.timeout.ms`, the longest a transaction can legitimately stay open
+   (its coordinator aborts it after its own, shorter, timeout);
+2. `ListTransactions` on every broker, filtered by those producer ids: what the coordinator knows.
+   `Ongoing` / `Prepare*` means the coordinator is still working on it: left alone;
+3. otherwise the partition gets the marker its transaction is missing, written to the leader with
+   `WriteTxnMarkers` (the request KIP-664's `abortTransaction` sends): **COMMIT** when the
+   coordinator completed this very producer id and epoch with `CompleteCommit` and the leader
+   verifies transactional writes (`transaction.partition.verification.enable`, KIP-890 part 1:
+   a write after the transaction ended is rejected, so these records belong to the committed
+   transaction, whose other partitions and input offsets were committed - aborting them would lose
+   them); **ABORT** in every other case (the coordinator aborted it, the producer was
+   re-initialised, its id expired, or a late write cannot be ruled out), as an operator's
+   `kafka-transactions.sh abort` would.
+
+Every resolution is logged (`hanging transaction resolved`), counted in
+`dp_hanging_transactions_total{action}` and kept in `last` for the health report.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import structlog
+from confluent_kafka.admin import AdminClient, ConfigResource  # type: ignore[attr-defined]
+
+from dataproc_shared.config import Settings, kafka_common_config
+from dataproc_shared.kafka import wire
+
+log = structlog.get_logger(__name__)
+
+#: Coordinator states of a transaction that is still being finished by its coordinator.
+_IN_PROGRESS = frozenset({"Ongoing", "PrepareCommit", "PrepareAbort", "PrepareEpochFence"})
+#: Used when the brokers' `transaction.max.timeout.ms` cannot be read (Kafka's default).
+DEFAULT_MAX_TXN_TIMEOUT_S = 900.0
+
+Action = Literal["commit", "abort", "left", "failed"]
+
+
+@dataclass(frozen=True, slots=True)
+class HangingTransaction:
+    """An open transaction on one partition, older than the threshold, and what was done about it."""
+
+    topic: str
+    partition: int
+    producer_id: int
+    producer_epoch: int
+    start_offset: int
+    open_s: float
+    coordinator_state: str | None
+    action: Action
+    error: str | None = None
+
+    def describe(self) -> str:
+        """One line for logs and health details."""
+        state = self.coordinator_state or "unknown to every coordinator"
+        return (f"{self.topic}[{self.partition}] producer {self.producer_id}/{self.producer_epoch} "
+                f"open since offset {self.start_offset} for {self.open_s:.0f}s, coordinator: {state}, "
+                f"action: {self.action}" + (f" ({self.error})" if self.error else ""))
+
+
+def security_of(kafka_config: Mapping[str, Any]) -> wire.WireSecurity:
+    """The wire client's security settings from librdkafka properties."""
+    return wire.WireSecurity(
+        protocol=str(kafka_config.get("security.protocol", "PLAINTEXT")).upper(),
+        ca_file=kafka_config.get("ssl.ca.location"),
+        cert_file=kafka_config.get("ssl.certificate.location"),
+        key_file=kafka_config.get("ssl.key.location"),
+        key_password=kafka_config.get("ssl.key.password"),
+        check_hostname=kafka_config.get("ssl.endpoint.identification.algorithm", "https") != "none",
+    )
+
+
+class HangingTransactionResolver:
+    """Finds hanging transactions on given partitions and writes their missing markers."""
+
+    def __init__(
+        self,
+        kafka_config: Mapping[str, Any],
+        *,
+        hanging_after_s: float | None = None,
+        metrics: Any | None = None,
+        clock: Callable[[], float] = time.time,
+        timeout_s: float = 10.0,
+    ) -> None:
+        """Build a resolver; nothing is contacted before the first `resolve`.
+
+        `kafka_config`: librdkafka connection properties. `hanging_after_s`: age (since the
+        producer's last write) from which an open transaction counts as hanging; None = the
+        brokers' `transaction.max.timeout.ms`. `metrics`: a `ServiceMetrics` (optional).
+        """
+        self._config = {k: v for k, v in kafka_config.items()
+                        if k in ("bootstrap.servers", "client.id", "security.protocol")
+                        or k.startswith(("sasl.", "ssl."))}
+        self._security = security_of(kafka_config)
+        self._hanging_after_s = hanging_after_s
+        self._metrics = metrics
+        self._clock = clock
+        self._timeout_s = timeout_s
+        self._admin: AdminClient | None = None
+        #: the transactions found by the last `resolve` that were older than the threshold
+        self.last: list[HangingTransaction] = []
+
+    @classmethod
+    def from_settings(cls, settings: Settings, metrics: Any | None = None) -> HangingTransactionResolver:
+        """The resolver of a service: its Kafka connection, `loop.hanging_transaction_timeout_ms`."""
+        timeout_ms = settings.loop.hanging_transaction_timeout_ms
+        return cls(kafka_common_config(settings), metrics=metrics,
+                   hanging_after_s=None if timeout_ms is None else timeout_ms / 1000)
+
+    @property
+    def supported(self) -> bool:
+        """Whether the wire client can reach the brokers (PLAINTEXT or SSL; not SASL)."""
+        return self._security.supported
+
+    def _admin_client(self) -> AdminClient:
+        if self._admin is None:
+            self._admin = AdminClient(dict(self._config))
+        return self._admin
+
+    def _broker_config(self, broker_id: int, name: str) -> str | None:
+        try:
+            resource = ConfigResource(ConfigResource.Type.BROKER, str(broker_id))
+            future = self._admin_client().describe_configs([resource])[resource]
+            entry = future.result(timeout=self._timeout_s).get(name)
+            return None if entry is None or entry.value is None else str(entry.value)
+        except Exception as exc:
+            log.info("broker config not readable", config=name, broker=broker_id, error=str(exc))
+            return None
+
+    def threshold_s(self, broker_id: int) -> float:
+        """The age from which an open transaction counts as hanging."""
+        if self._hanging_after_s is not None:
+            return self._hanging_after_s
+        value = self._broker_config(broker_id, "transaction.max.timeout.ms")
+        if value is None:
+            return DEFAULT_MAX_TXN_TIMEOUT_S
+        self._hanging_after_s = int(value) / 1000
+        return self._hanging_after_s
+
+    def _verifies(self, broker_id: int) -> bool:
+        """Whether the leader rejects transactional writes its coordinator does not know (KIP-890).
+
+        Only then can an open transaction of a completed producer epoch not be a late write.
+        """
+        return self._broker_config(broker_id, "transaction.partition.verification.enable") == "true"
+
+    def _brokers(self, topic: str) -> tuple[dict[int, tuple[str, int]], dict[int, int]]:
+        """Broker addresses and the leader of each partition of `topic`."""
+        md = self._admin_client().list_topics(topic, timeout=self._timeout_s)
+        brokers = {b.id: (str(b.host), int(b.port)) for b in md.brokers.values()}
+        meta = md.topics.get(topic)
+        leaders = {p: pm.leader for p, pm in (meta.partitions.items() if meta is not None else [])}
+        return brokers, leaders
+
+    def _connect(self, address: tuple[str, int]) -> wire.Connection:
+        return wire.Connection(address[0], address[1], security=self._security, timeout_s=self._timeout_s,
+                               client_id=str(self._config.get("client.id", "dataproc-wire")))
+
+    def resolve(self, topic: str, partitions: list[int], *, dry_run: bool = False
+                ) -> list[HangingTransaction]:
+        """Resolve the hanging transactions on `topic`'s `partitions`; returns what was found.
+
+        Blocking (run it in a thread). Transactions younger than the threshold are not returned.
+        """
+        if not self.supported or not partitions:
+            return []
+        brokers, leaders = self._brokers(topic)
+        by_leader: dict[int, list[int]] = {}
+        for p in partitions:
+            leader = leaders.get(p, -1)
+            if leader >= 0:
+                by_leader.setdefault(leader, []).append(p)
+        now_ms = self._clock() * 1000
+        candidates: list[tuple[int, int, wire.ActiveProducer, float]] = []
+        for leader, parts in by_leader.items():
+            threshold = self.threshold_s(leader)
+            with self._connect(brokers[leader]) as conn:
+                for p, producers in wire.describe_producers(conn, topic, parts).items():
+                    for prod in producers:
+                        age_s = (now_ms - prod.last_timestamp_ms) / 1000
+                        if prod.current_txn_start_offset >= 0 and age_s > threshold:
+                            candidates.append((leader, p, prod, age_s))
+        if not candidates:
+            self.last = []
+            return []
+        known = self._coordinator_states(brokers, sorted({c[2].producer_id for c in candidates}))
+        found = []
+        for leader, p, prod, age_s in candidates:
+            listing = known.get(prod.producer_id)
+            state = listing.state if listing is not None else None
+            action: Action
+            if state in _IN_PROGRESS:
+                action = "left"
+            elif (state == "CompleteCommit" and self._same_epoch(brokers, listing, prod)
+                  and self._verifies(leader)):
+                action = "commit"
+            else:
+                action = "abort"
+            error = None
+            if action in ("commit", "abort") and not dry_run:
+                try:
+                    with self._connect(brokers[leader]) as conn:
+                        wire.write_marker(conn, topic, p, prod, commit=action == "commit")
+                except (OSError, wire.WireError) as exc:
+                    action, error = "failed", str(exc)
+            txn = HangingTransaction(topic, p, prod.producer_id, prod.producer_epoch,
+                                     prod.current_txn_start_offset, round(age_s, 1), state, action, error)
+            found.append(txn)
+            log.warning("hanging transaction resolved" if action in ("commit", "abort")
+                        else "hanging transaction found", topic=topic, partition=p,
+                        producer_id=prod.producer_id, producer_epoch=prod.producer_epoch,
+                        offset=prod.current_txn_start_offset, open_s=round(age_s, 1),
+                        coordinator_state=state or "unknown", action=action, error=error, dry_run=dry_run)
+            if self._metrics is not None and not dry_run:
+                self._metrics.record_hanging_transaction(action)
+        self.last = found
+        return found
+
+    def _coordinator_states(self, brokers: dict[int, tuple[str, int]], producer_ids: list[int]
+                            ) -> dict[int, wire.TransactionListing]:
+        """What the transaction coordinators (every broker) know about `producer_ids`."""
+        known: dict[int, wire.TransactionListing] = {}
+        for address in brokers.values():
+            with self._connect(address) as conn:
+                for listing in wire.list_transactions(conn, producer_ids):
+                    known[listing.producer_id] = listing
+        return known
+
+    def _same_epoch(self, brokers: dict[int, tuple[str, int]], listing: wire.TransactionListing | None,
+                    prod: wire.ActiveProducer) -> bool:
+        """Whether the coordinator's current epoch of the transactional id is the producer's."""
+        if listing is None:
+            return False
+        for address in brokers.values():
+            with self._connect(address) as conn:
+                described = wire.describe_transaction(conn, listing.transactional_id)
+            if described is not None:
+                return described == (prod.producer_id, prod.producer_epoch)
+        return False
