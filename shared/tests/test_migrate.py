@@ -178,7 +178,7 @@ def test_clickhouse_migrations_apply_once(chdb_path: str) -> None:
     try:
         first = migrate_clickhouse(client, values={"audit_ttl_days": 7})
         assert first.applied == ("001_create_database.sql", "002_bars.sql", "003_late_trades.sql",
-                                 "006_audit_events.sql")
+                                 "006_audit_events.sql", "007_packed_small_parts.sql")
         state = _ch_state(client)
         second = migrate_clickhouse(client, values={"audit_ttl_days": 7})
         assert second.applied == ()
@@ -187,6 +187,8 @@ def test_clickhouse_migrations_apply_once(chdb_path: str) -> None:
         assert tables["bars"][0] == "ReplacingMergeTree"
         assert "ORDER BY (instrument_id, interval, window_start)" in str(tables["bars"][1])
         assert "toIntervalDay(7)" in str(tables["audit_events"][1])
+        for table in ("bars", "late_trades", "audit_events"):
+            assert "min_bytes_for_full_part_storage = 1048576" in str(tables[table][1])
     finally:
         client.close()
 

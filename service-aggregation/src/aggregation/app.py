@@ -162,13 +162,18 @@ class AggregationProcessor:
         if not bars:
             return
         topic = self._bars_topic
+        append = result.outputs.append
+        counts: dict[tuple[str, bool], int] = {}
         for b in bars:
-            result.outputs.append(OutRecord(
+            append(OutRecord(
                 topic=topic, key=b.source_key.encode(), value=encode_bar(b), partition=b.source_partition,
                 headers=((EVENT_TIME_HEADER, str(b.last_ts_ns).encode()),),
             ))
-            if self._metrics is not None:
-                self._metrics.child(self._metrics.bars_emitted, interval=b.interval, final=b.is_final).inc()
+            label = (b.interval, b.is_final)
+            counts[label] = counts.get(label, 0) + 1
+        if self._metrics is not None:
+            for (interval, final), n in counts.items():
+                self._metrics.child(self._metrics.bars_emitted, interval=interval, final=final).inc(n)
         if self._sink is not None:
             self._sink.add_bars(bars)
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import datetime as dt
+import struct
 from typing import Any
 
 from dataproc_shared import avro
+from dataproc_shared.avro_flat import read_long, write_long
 
 from aggregation.transform import NS_PER_MS, Bar, LateTrade, Tick
 
@@ -30,8 +32,22 @@ class BadTickError(ValueError):
 
 
 def decode_tick(value: bytes, partition: int, offset: int) -> Tick:
-    """`Tick` of an `enriched_tick` message; raises `avro.AvroError` or `BadTickError`."""
-    doc = avro.decode(value, ENRICHED_SCHEMA)
+    """`Tick` of an `enriched_tick` message; raises `avro.AvroError` or `BadTickError`.
+
+    Messages written with the schema version `_read_v1` was written for are read straight into a
+    `Tick`; any other writer version goes through `dataproc_shared.avro` (schema resolution).
+    """
+    if _V1_HEADER is not None and value.startswith(_V1_HEADER):
+        try:
+            return _read_v1(value, partition, offset)
+        except BadTickError:
+            raise
+        except (ValueError, IndexError, struct.error) as exc:  # UnicodeDecodeError is a ValueError
+            raise avro.DecodeError(f"cannot decode enriched_tick.v1 as enriched_tick.v1: {exc!r}") from exc
+    return _tick_of(avro.decode(value, ENRICHED_SCHEMA), partition, offset)
+
+
+def _tick_of(doc: dict[str, Any], partition: int, offset: int) -> Tick:
     is_trade = doc["kind"] == "TRADE"
     price = doc.get("price")
     size = doc.get("size")
@@ -53,6 +69,125 @@ def decode_tick(value: bytes, partition: int, offset: int) -> Tick:
         venue_symbol=doc["venue_symbol"],
         trade_id=doc.get("trade_id"),
     )
+
+
+#: The `enriched_tick` fields, in order, that `_read_v1` reads (name, Avro type).
+_V1_LAYOUT: tuple[tuple[str, Any], ...] = (
+    ("instrument_id", "string"), ("venue", "string"), ("venue_symbol", "string"), ("symbol", "string"),
+    ("asset_class", "string"), ("currency", "string"), ("tick_size", ["null", "double"]),
+    ("multiplier", ["null", "double"]), ("venue_timezone", "string"),
+    ("kind", {"type": "enum", "name": "TickKind", "symbols": ["TRADE", "QUOTE"]}), ("ts_ns", "long"),
+    ("seq", ["null", "long"]), ("trade_id", ["null", "string"]), ("price", ["null", "double"]),
+    ("size", ["null", "double"]), ("bid", ["null", "double"]), ("ask", ["null", "double"]),
+    ("bid_size", ["null", "double"]), ("ask_size", ["null", "double"]), ("ingest_ns", "long"),
+    ("source_partition", "int"), ("source_offset", "long"),
+)
+
+
+def _newest_header(schema: str, layout: tuple[tuple[str, Any], ...]) -> bytes | None:
+    """Header of the newest version of `schema` when its fields are exactly `layout`, else None."""
+    version = avro.default_registry().get(schema)
+    fields = version.parsed.get("fields", []) if isinstance(version.parsed, dict) else []
+    if tuple((f["name"], _plain(f["type"])) for f in fields) == layout:
+        return version.header
+    return None
+
+
+def _plain(t: Any) -> Any:
+    """A field type without the extras fastavro's parsing adds (namespaces, logical types)."""
+    if isinstance(t, dict):
+        if t.get("type") == "enum":
+            return {"type": "enum", "name": str(t.get("name", "")).rsplit(".", 1)[-1],
+                    "symbols": list(t.get("symbols", []))}
+        return _plain(t["type"]) if set(t) <= {"type", "logicalType"} else t
+    if isinstance(t, list):
+        return [_plain(x) for x in t]
+    return t
+
+
+_unpack_double = struct.Struct("<d").unpack_from
+_HEADER_SIZE = avro.HEADER_SIZE
+
+
+def _read_v1(b: bytes, partition: int, offset: int) -> Tick:
+    """The `Tick` of a v1 body; the same checks as the generic decoder (every field is read)."""
+    p = _HEADER_SIZE
+    strings: list[str] = []
+    for _ in range(6):  # instrument_id, venue, venue_symbol, symbol, asset_class, currency
+        n = b[p]
+        if n < 0x80:
+            n, p = (n >> 1) ^ -(n & 1), p + 1
+        else:
+            n, p = read_long(b, p)
+        if n < 0:
+            raise ValueError("negative length")
+        end = p + n
+        if end > len(b):
+            raise ValueError("truncated string")
+        strings.append(b[p:end].decode())
+        p = end
+    for _ in range(2):  # tick_size, multiplier
+        u = b[p]
+        p += 1
+        if u == 2:
+            _unpack_double(b, p)
+            p += 8
+        elif u != 0:
+            raise ValueError("invalid union index")
+    n, p = read_long(b, p)  # venue_timezone
+    if n < 0:
+        raise ValueError("negative length")
+    if p + n > len(b):
+        raise ValueError("truncated string")
+    b[p:p + n].decode()
+    p += n
+    kind, p = read_long(b, p)
+    if kind < 0 or kind > 1:
+        raise IndexError("enum index")
+    is_trade = kind == 0
+    ts_ns, p = read_long(b, p)
+    u = b[p]
+    p += 1
+    seq: int | None = None
+    if u == 2:
+        seq, p = read_long(b, p)
+    elif u != 0:
+        raise ValueError("invalid union index")
+    u = b[p]
+    p += 1
+    trade_id: str | None = None
+    if u == 2:
+        n, p = read_long(b, p)
+        if n < 0:
+            raise ValueError("negative length")
+        if p + n > len(b):
+            raise ValueError("truncated string")
+        trade_id = b[p:p + n].decode()
+        p += n
+    elif u != 0:
+        raise ValueError("invalid union index")
+    doubles: list[float | None] = []
+    for _ in range(6):  # price, size, bid, ask, bid_size, ask_size
+        u = b[p]
+        p += 1
+        if u == 2:
+            doubles.append(_unpack_double(b, p)[0])
+            p += 8
+        elif u == 0:
+            doubles.append(None)
+        else:
+            raise ValueError("invalid union index")
+    ingest_ns, p = read_long(b, p)
+    _, p = read_long(b, p)  # source_partition
+    _, p = read_long(b, p)  # source_offset
+    price, size = doubles[0], doubles[1]
+    if is_trade and (price is None or size is None):
+        raise BadTickError("trade without price or size")
+    return Tick(strings[0], strings[1], strings[3], strings[5], is_trade, ts_ns, seq,
+                0.0 if price is None else price, 0.0 if size is None else size, ingest_ns, partition, offset,
+                strings[2], trade_id)
+
+
 
 
 def bar_document(bar: Bar) -> dict[str, Any]:
@@ -84,8 +219,47 @@ def bar_document(bar: Bar) -> dict[str, Any]:
 
 
 def encode_bar(bar: Bar) -> bytes:
-    """`bar.v1` single-object Avro encoding of a bar."""
+    """`bar.v1` single-object Avro encoding of a bar.
+
+    While the newest `bar` schema has the layout `_write_v1` was written for, the bytes are written
+    straight from the `Bar` (the same bytes as `avro.encode(BAR_SCHEMA, bar_document(bar))`).
+    """
+    if _BAR_V1_HEADER is not None:
+        try:
+            return _write_v1(bar)
+        except (ValueError, TypeError, AttributeError, struct.error) as exc:
+            raise avro.EncodeError(f"bar.v1: {exc!r}") from exc
     return avro.encode(BAR_SCHEMA, bar_document(bar))
+
+
+#: The `bar` fields, in order, that `_write_v1` writes (name, Avro type without logical types).
+_BAR_V1_LAYOUT: tuple[tuple[str, Any], ...] = (
+    ("instrument_id", "string"), ("venue", "string"), ("symbol", "string"), ("currency", "string"),
+    ("interval", "string"), ("window_start_ms", "long"), ("window_end_ms", "long"), ("open", "double"),
+    ("high", "double"), ("low", "double"), ("close", "double"), ("volume", "double"), ("vwap", "double"),
+    ("trade_count", "int"), ("is_final", "boolean"), ("version", "long"), ("first_ts_ns", "long"),
+    ("last_ts_ns", "long"), ("max_ingest_ns", "long"), ("source_partition", "int"), ("offset_from", "long"),
+    ("offset_to", "long"),
+)
+_pack_6_doubles = struct.Struct("<6d").pack
+
+
+def _write_v1(b: Bar) -> bytes:
+    parts = [_BAR_V1_HEADER or b""]
+    append = parts.append
+    for text in (b.instrument_id, b.venue, b.symbol, b.currency, b.interval):
+        raw = text.encode()
+        append(write_long(len(raw)))
+        append(raw)
+    append(write_long(b.window_start_ns // NS_PER_MS))
+    append(write_long(b.window_end_ns // NS_PER_MS))
+    append(_pack_6_doubles(b.open, b.high, b.low, b.close, b.volume, b.vwap))
+    append(write_long(b.trade_count))
+    append(b"\x01" if b.is_final else b"\x00")
+    for n in (b.version, b.first_ts_ns, b.last_ts_ns, b.max_ingest_ns, b.source_partition, b.offset_from,
+              b.offset_to):
+        append(write_long(n))
+    return b"".join(parts)
 
 
 def utc(ns: int) -> dt.datetime:
@@ -113,3 +287,8 @@ def late_rows(late: LateTrade, lengths_ns: dict[str, int]) -> list[tuple[Any, ..
         rows.append((t.instrument_id, name, utc(start), utc(t.ts_ns), utc(late.watermark_ns), t.price, t.size,
                      t.trade_id or "", t.partition, t.offset))
     return rows
+
+
+#: Headers of the schema versions the direct codecs were written for (None: use `dataproc_shared.avro`).
+_V1_HEADER = _newest_header(ENRICHED_SCHEMA, _V1_LAYOUT)
+_BAR_V1_HEADER = _newest_header(BAR_SCHEMA, _BAR_V1_LAYOUT)

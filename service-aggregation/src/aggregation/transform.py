@@ -127,9 +127,13 @@ class WindowConfig:
         )
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Tick:
-    """The part of an enriched tick the windowing needs, with its input coordinates."""
+    """The part of an enriched tick the windowing needs, with its input coordinates.
+
+    Treated as immutable; not a frozen dataclass because building a frozen one costs ~1.3 µs more
+    per record (Bar likewise, per emission).
+    """
 
     instrument_id: str
     venue: str
@@ -157,7 +161,7 @@ class Tick:
         return (self.ts_ns, 0 if self.seq is None else 1, self.seq or 0, self.offset)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Bar:
     """One bar emission (the fields of `bar.v1`)."""
 
@@ -252,8 +256,8 @@ class _Window:
         self.max_ingest = t.ingest_ns
         self.off_from = self.off_to = t.offset
 
-    def add(self, t: Tick) -> None:
-        key = t.sort_key
+    def add(self, t: Tick, key: SortKey) -> None:
+        """Add trade `t`, whose `sort_key` is `key`."""
         price = t.price
         if key < self.open_key:
             self.open, self.open_key = price, key
@@ -263,15 +267,17 @@ class _Window:
             self.high = price
         if price < self.low:
             self.low = price
-        self.volume += t.size
-        self.pv += price * t.size
+        size = t.size
+        self.volume += size
+        self.pv += price * size
         self.count += 1
         if t.ingest_ns > self.max_ingest:
             self.max_ingest = t.ingest_ns
-        if t.offset < self.off_from:
-            self.off_from = t.offset
-        if t.offset > self.off_to:
-            self.off_to = t.offset
+        offset = t.offset
+        if offset < self.off_from:
+            self.off_from = offset
+        if offset > self.off_to:
+            self.off_to = offset
 
     def bar(self, partition: int, final: bool) -> Bar:
         return Bar(
@@ -433,39 +439,48 @@ class WindowEngine:
     # ----------------------------------------------------------------- records
     def apply(self, tick: Tick) -> Applied:
         """Apply one record (trade or quote) of its partition, in partition order."""
-        p = self._part(tick.partition)
+        p = self._parts.get(tick.partition)
+        if p is None:
+            p = self._part(tick.partition)
         p.last_activity = self._clock()
         result = Applied()
         wm = p.watermark
+        ts_ns = tick.ts_ns
         if tick.is_trade:
-            late: list[str] = []
+            late: list[str] | None = None
             lateness = self._lateness
+            windows = p.windows
+            closed_through = p.closed_through
+            instrument = tick.instrument_id
+            seq = tick.seq
+            sort_key = (ts_ns, 0 if seq is None else 1, seq or 0, tick.offset)
             for name, length in self._intervals:
-                start = (tick.ts_ns // length) * length
+                start = (ts_ns // length) * length
                 end = start + length
                 if wm is not None and end + lateness < wm:
-                    late.append(name)
+                    (late if late is not None else (late := [])).append(name)
                     continue
-                if p.closed_through:
-                    ct = p.closed_through.get((tick.instrument_id, name))
+                if closed_through:
+                    ct = closed_through.get((instrument, name))
                     if ct is not None and start <= ct[0]:
-                        late.append(name)
+                        (late if late is not None else (late := [])).append(name)
                         continue
-                key = (tick.instrument_id, name, start)
-                w = p.windows.get(key)
+                key = (instrument, name, start)
+                w = windows.get(key)
                 if w is None:
-                    w = p.windows[key] = _Window(tick, name, start, end)
+                    w = windows[key] = _Window(tick, name, start, end)
                     heapq.heappush(p.heap, (end, key))
                 else:
-                    w.add(tick)
+                    w.add(tick, sort_key)
                 p.dirty[key] = None
                 p.changed[key] = None
             if late:
-                result.late = LateTrade(tick, tuple(late), wm if wm is not None else tick.ts_ns)
-        if wm is None or tick.ts_ns > wm:
-            p.watermark = wm = tick.ts_ns
+                result.late = LateTrade(tick, tuple(late), wm if wm is not None else ts_ns)
+        if wm is None or ts_ns > wm:
+            p.watermark = wm = ts_ns
             p.meta_changed = True
-            self._close_until(tick.partition, p, wm, result.finals)
+            if (p.heap and p.heap[0][0] + self._lateness < wm) or p.closed_through:
+                self._close_until(tick.partition, p, wm, result.finals)
         return result
 
     def _close_until(self, partition: int, p: _Partition, wm: int, out: list[Bar]) -> None:

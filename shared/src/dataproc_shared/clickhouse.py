@@ -9,6 +9,9 @@ Both run the same SQL. Calls block: async callers wrap them in `asyncio.to_threa
 share between threads (chDB calls are serialised by a lock; clickhouse-connect's client is
 thread-safe for sequential queries per call). chDB locks its folder: only one process may open it.
 
+The embedded engine takes inserts in the `Native` format (`dataproc_shared.chnative`), falling back
+to `JSONEachRow` for column types or values that encoder leaves out; both store the same rows.
+
 Inserts take an optional `dedup_token`: a retried insert with the same token into a table with
 `non_replicated_deduplication_window` set is dropped by the engine, which makes replays after a crash
 idempotent.
@@ -27,6 +30,7 @@ from urllib.parse import unquote, urlsplit
 
 import orjson
 
+from dataproc_shared.chnative import BlockEncoder, NativeUnsupportedError
 from dataproc_shared.errors import DataProcError
 
 
@@ -253,6 +257,8 @@ class ChdbClickHouse:
         self.path = path
         self._lock = threading.Lock()
         self._session: Any = session.Session(path)  # type: ignore[no-untyped-call]
+        # Native-format encoder per (table, columns); None when the table needs the text format.
+        self._encoders: dict[tuple[str, tuple[str, ...]], BlockEncoder | None] = {}
         # Session-wide output settings so JSON values keep their types (64-bit ints as numbers).
         self._run("SET output_format_json_quote_64bit_integers = 0", "CSV")
         self._run("SET output_format_json_quote_decimals = 1", "CSV")
@@ -291,18 +297,74 @@ class ChdbClickHouse:
 
     def insert(self, table: str, rows: Sequence[Sequence[Any]], column_names: Sequence[str],
                dedup_token: str | None = None) -> int:
-        """Insert rows as JSONEachRow; `dedup_token` becomes `insert_deduplication_token`."""
+        """Insert rows; `dedup_token` becomes `insert_deduplication_token`.
+
+        Rows are sent in the `Native` format (`dataproc_shared.chnative`) when every column type and
+        value allows it, else as `JSONEachRow` with `best_effort` datetimes; both store the same rows.
+        """
         if not rows:
             return 0
         columns = ", ".join(f"`{c}`" for c in column_names if _COLUMN.match(c) or _bad_column(c))
+        target = _quote_identifier(table)
+        token = f"insert_deduplication_token = {_token_literal(dedup_token)}" if dedup_token else ""
+        block = self._native_block(table, column_names, rows)
+        if block is not None:
+            sql = f"INSERT INTO {target} ({columns})" + (f" SETTINGS {token}" if token else "")
+            try:
+                with self._lock:
+                    if self._session is None:
+                        raise ClickHouseError("client is closed")
+                    inserter = self._session.send_insert(sql, "Native")
+                    try:
+                        inserter.append(block)
+                    except BaseException:
+                        inserter.cancel()
+                        raise
+                    inserter.finish()
+            except ClickHouseError:
+                raise
+            except Exception as exc:
+                self._encoders.pop((table, tuple(column_names)), None)
+                raise ClickHouseError(str(exc)) from exc
+            return len(rows)
         settings = ["date_time_input_format = 'best_effort'", "input_format_skip_unknown_fields = 0"]
-        if dedup_token:
-            settings.append(f"insert_deduplication_token = {_token_literal(dedup_token)}")
+        if token:
+            settings.append(token)
         body = b"\n".join(_encode_row(column_names, r) for r in rows).decode("utf-8")
-        sql = (f"INSERT INTO {_quote_identifier(table)} ({columns}) SETTINGS {', '.join(settings)} "
-               f"FORMAT JSONEachRow\n{body}")
+        sql = f"INSERT INTO {target} ({columns}) SETTINGS {', '.join(settings)} FORMAT JSONEachRow\n{body}"
         self._run(sql, "CSV")
         return len(rows)
+
+    def _native_block(self, table: str, column_names: Sequence[str],
+                      rows: Sequence[Sequence[Any]]) -> bytes | None:
+        """`rows` as a `Native` block, or None when a column type or a value needs the text format."""
+        key = (table, tuple(column_names))
+        encoder: BlockEncoder | None = self._encoders.get(key, _NO_ENCODER)
+        if encoder is _NO_ENCODER:
+            encoder = self._block_encoder(table, column_names)
+        if encoder is None:
+            return None
+        try:
+            return encoder.encode(rows)
+        except NativeUnsupportedError:
+            return None
+
+    def _block_encoder(self, table: str, column_names: Sequence[str]) -> BlockEncoder | None:
+        database, _, name = table.rpartition(".")
+        result = self.query(
+            "SELECT name, type FROM system.columns WHERE database = "  # noqa: S608 - constant text
+            + ("{db:String}" if database else "currentDatabase()") + " AND table = {t:String}",
+            {"db": database, "t": name} if database else {"t": name},
+        )
+        types = {str(n): str(t) for n, t in result.rows}
+        if any(c not in types for c in column_names):
+            return None  # not cached: the engine reports the missing table or column, or it comes later
+        try:
+            encoder: BlockEncoder | None = BlockEncoder([(c, types[c]) for c in column_names])
+        except NativeUnsupportedError:
+            encoder = None
+        self._encoders[(table, tuple(column_names))] = encoder
+        return encoder
 
     def close(self) -> None:
         """Close the engine's session (the folder lock is released when the process ends)."""
@@ -310,6 +372,9 @@ class ChdbClickHouse:
             if self._session is not None:
                 self._session.close()
                 self._session = None
+
+
+_NO_ENCODER: Any = object()
 
 
 def _bad_column(name: str) -> bool:
