@@ -136,6 +136,8 @@ TXN_CALL_DEADLINE_S = TXN_CALL_TIMEOUT_S + 15.0
 KEEPALIVE_MAX_S = 30.0
 #: How often a retriable error is retried before the cycle is aborted.
 RETRIES = 5
+#: Rewinds to the committed offsets tried after a rolled-back cycle before the loop gives up.
+REWIND_ATTEMPTS = 10
 
 _FENCED_CODES = frozenset({KafkaError._FENCED, KafkaError.PRODUCER_FENCED, KafkaError.INVALID_PRODUCER_EPOCH})
 
@@ -363,8 +365,10 @@ class KafkaLoop:
         return producer
 
     def _cb_consumer_error(self, err: KafkaError) -> None:
-        if err.fatal():
-            # e.g. fenced by a consumer with the same group.instance.id: it will never consume again
+        # librdkafka hands a fatal consumer error (e.g. fenced by a consumer with the same
+        # group.instance.id: it will never consume again) to `consume` as a `_FATAL` message, and
+        # may raise it here too; wherever it shows up, the next cycle ends the loop
+        if err.fatal() or err.code() == KafkaError._FATAL:
             self._consumer_fatal = err
         self._cb_error(err)
 
@@ -714,7 +718,7 @@ class KafkaLoop:
         self._emit(AuditEvent(event_type="transaction_aborted", outcome="aborted", reason=kind,
                               details={"error": message[:500]}))
         await self._processor.on_abort()
-        await asyncio.to_thread(self._rewind)
+        await self._rewind_until_done()
         self._rewound_alignment()
         await asyncio.sleep(min(0.05 * 2 ** min(self._failures, 7), 5.0))
 
@@ -757,6 +761,22 @@ class KafkaLoop:
                 await asyncio.sleep(1.0 * (attempt + 1))
         raise LoopFatalError("producer could not be recreated")
 
+    async def _rewind_until_done(self) -> None:
+        """`_rewind`, retried while the broker cannot tell the committed offsets (e.g. restarting).
+
+        The cycle cannot go on without them; giving up would exit the process for a condition that
+        passes by itself. `/live` stays up meanwhile; after `REWIND_ATTEMPTS` the loop gives up.
+        """
+        for attempt in range(1, REWIND_ATTEMPTS + 1):
+            try:
+                await self._beating(asyncio.to_thread(self._rewind))
+                return
+            except _CycleFailed as exc:
+                if attempt == REWIND_ATTEMPTS:
+                    raise LoopFatalError(f"cannot rewind to the committed offsets: {exc}") from exc
+                log.warning("rewind failed, retrying", service=self._service, error=str(exc), attempt=attempt)
+                await asyncio.sleep(min(1.0 * attempt, 10.0))
+
     def _rewind(self) -> None:
         """Seek every assigned partition back to its committed offset (the start of the failed cycle).
 
@@ -793,6 +813,10 @@ class KafkaLoop:
         events, self._events = self._events, []
         first_seen: dict[TP, int] = {}
         for msg in msgs:
+            err = msg.error()
+            if err is not None and (err.fatal() or err.code() == KafkaError._FATAL):
+                # a fatal consumer error that arrived with the rebalance (e.g. static member fenced)
+                raise LoopFatalError(f"consumer failed: {err}")
             topic, partition = msg.topic(), msg.partition()
             if msg.error() is None and topic is not None and partition is not None:
                 first_seen.setdefault((topic, partition), msg.offset() or 0)
@@ -888,7 +912,12 @@ class KafkaLoop:
 
     def _keepalive_poll(self) -> None:
         msg = self._c.poll(0)
-        if msg is None or msg.error() is not None:
+        if msg is None:
+            return
+        err = msg.error()
+        if err is not None:
+            if err.fatal() or err.code() == KafkaError._FATAL:
+                self._consumer_fatal = err  # raised by the next cycle
             return
         topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
         if topic is not None and partition is not None and offset is not None:
