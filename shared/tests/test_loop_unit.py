@@ -1,11 +1,11 @@
-"""Pure parts of the Kafka loop: error classes, header propagation, call deadlines (no broker)."""
+"""Pure parts of the Kafka loop: error classes, batches, header propagation, call deadlines (no broker)."""
 
 from __future__ import annotations
 
 import threading
 
 import pytest
-from confluent_kafka import KafkaError, KafkaException
+from confluent_kafka import KafkaError, KafkaException, Message
 from dataproc_shared.config import load_settings
 from dataproc_shared.kafka import loop as loop_module
 from dataproc_shared.kafka.loop import KafkaLoop, classify
@@ -133,3 +133,37 @@ def test_a_transactional_call_within_its_deadline_returns_its_result() -> None:
 
 def _raise_fenced() -> None:
     raise KafkaException(KafkaError(KafkaError._FENCED))
+
+
+def test_batch_keeps_assigned_records_in_order_with_first_and_last_offsets_per_partition() -> None:
+    lp = loop()
+    lp._assigned = {("in", 0), ("in", 1)}
+    msgs = [
+        Message(topic="in", partition=0, offset=5, key=b"k", value=b"a", timestamp=(1, 7)),
+        Message(topic="in", partition=0, offset=6, key=b"k", value=b"b", timestamp=(1, 8),
+                headers=[("h", "text"), ("n", None), ("b", b"raw")]),
+        Message(topic="in", partition=1, offset=40, key=None, value=None, timestamp=(1, 9)),
+        Message(topic="in", partition=2, offset=90, key=b"k", value=b"revoked", timestamp=(1, 9)),
+        Message(topic="in", partition=0, offset=7, key=b"k", value=b"c", timestamp=(1, 10)),
+        Message(topic="in", partition=1, offset=41, key=b"k", value=b"d", timestamp=(1, 11)),
+        Message(topic="in", partition=2, offset=91, key=b"k", value=b"revoked", timestamp=(1, 12)),
+    ]
+    batch = lp._to_batch(msgs)
+    assert [(r.partition, r.offset, r.value) for r in batch.records] == [
+        (0, 5, b"a"), (0, 6, b"b"), (1, 40, None), (0, 7, b"c"), (1, 41, b"d")]
+    assert batch.first == {("in", 0): 5, ("in", 1): 40}
+    assert batch.last == {("in", 0): 7, ("in", 1): 41}
+    assert [(tp.partition, tp.offset) for tp in batch.offsets()] == [(0, 8), (1, 42)]
+    assert batch.records[0] == InRecord("in", 0, 5, b"k", b"a", 7, ())
+    assert batch.records[1].headers == (("h", b"text"), ("n", b""), ("b", b"raw"))
+
+
+def test_raw_inputs_get_both_tracing_headers_and_keep_processor_headers() -> None:
+    src = InRecord(topic="in", partition=3, offset=9, key=b"A", value=b"v", timestamp_ms=2)
+    plain, own = loop()._propagate_headers([src], [
+        OutRecord("out", b"A", b"1", partition=4, source=src),
+        OutRecord("out", b"A", b"2", headers=(("x", b"y"),), source=src),
+    ])
+    assert (plain.topic, plain.key, plain.value, plain.partition, plain.source) == ("out", b"A", b"1", 4, src)
+    assert plain.headers == ((CORRELATION_HEADER, b"in-3-9"), (INGEST_TIME_HEADER, b"2000000"))
+    assert own.headers == (("x", b"y"), (CORRELATION_HEADER, b"in-3-9"), (INGEST_TIME_HEADER, b"2000000"))

@@ -3,7 +3,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from dataproc_shared.metrics import LATENCY_BUCKETS, ServiceMetrics
+from dataproc_shared.metrics import LATENCY_BUCKETS, ServiceMetrics, observe_many
 from prometheus_client.parser import text_string_to_metric_families
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "metrics.md"
@@ -100,3 +100,15 @@ def test_latency_buckets_span_1ms_to_60s() -> None:
     assert LATENCY_BUCKETS[0] == 0.001
     assert LATENCY_BUCKETS[-1] == 60.0
     assert list(LATENCY_BUCKETS) == sorted(LATENCY_BUCKETS)
+
+
+def test_observe_many_equals_one_observe_per_value() -> None:
+    one, many = ServiceMetrics("one"), ServiceMetrics("one")
+    values = [0.0, 0.0004, 0.001, 0.0011, 0.05, 0.05, 0.7, 3.0, 59.9, 60.0, 61.0, 1e9]
+    for value in values:
+        one.child(one.ingest_latency).observe(value)
+    one.child(one.event_latency)
+    observe_many(many.child(many.ingest_latency), values)
+    observe_many(many.child(many.event_latency), [])
+    assert one.render() == many.render()
+    assert 'dp_ingest_latency_seconds_count{service="one"} 12.0' in many.render().decode()

@@ -9,6 +9,8 @@ instrument id). A service adds its own metrics through `counter`, `gauge` and `h
 from __future__ import annotations
 
 import time
+from bisect import bisect_left
+from collections import Counter as Tally
 from collections.abc import Sequence
 from typing import Any
 
@@ -194,3 +196,27 @@ class ServiceMetrics:
     def render(self) -> bytes:
         """The registry in the Prometheus text format (`CONTENT_TYPE`)."""
         return generate_latest(self.registry)
+
+
+def observe_many(histogram: Any, values: Sequence[float]) -> None:
+    """Observe every value (none NaN) on a histogram child, as one `observe` per value would.
+
+    One lock round per bucket touched instead of two per value (the loop observes a latency per
+    output record). Uses prometheus_client's histogram layout (`_upper_bounds`, one non-cumulative
+    counter per bucket in `_buckets`, `_sum`); without it, falls back to `observe` per value.
+    `test_metrics.py` checks that both give the same exposition (the sum may differ in the last
+    bits: it is added once per batch).
+    """
+    bounds = getattr(histogram, "_upper_bounds", None)
+    buckets = getattr(histogram, "_buckets", None)
+    total = getattr(histogram, "_sum", None)
+    if bounds is None or buckets is None or total is None or len(bounds) != len(buckets):
+        for value in values:
+            histogram.observe(value)
+        return
+    if not values:
+        return
+    total.inc(sum(values))
+    # `observe` counts a value in the first bucket whose bound is >= it (the last one is +Inf).
+    for index, count in Tally(bisect_left(bounds, value) for value in values).items():
+        buckets[index].inc(count)

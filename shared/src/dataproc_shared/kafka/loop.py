@@ -105,7 +105,7 @@ from dataproc_shared.deadletter import TRUNCATED_HEADER, dead_letter_audit_event
 from dataproc_shared.errors import DataProcError
 from dataproc_shared.kafka.alignment import Alignment
 from dataproc_shared.kafka.hanging import HangingTransactionResolver
-from dataproc_shared.metrics import ServiceMetrics
+from dataproc_shared.metrics import ServiceMetrics, observe_many
 from dataproc_shared.processor import Processor
 from dataproc_shared.records import (
     CORRELATION_HEADER,
@@ -227,6 +227,12 @@ class _NoListener:
         pass
 
 
+def _headers(raw: Any) -> Headers:
+    """confluent-kafka headers (a list of pairs, or a dict) as `Headers`; values as bytes."""
+    pairs = raw.items() if isinstance(raw, dict) else raw
+    return tuple((k, v.encode() if isinstance(v, str) else (v or b"")) for k, v in pairs)
+
+
 @dataclass(slots=True)
 class _Batch:
     """Per-cycle bookkeeping: records and, per partition, the first and last offsets."""
@@ -234,12 +240,6 @@ class _Batch:
     records: list[InRecord] = field(default_factory=list)
     first: dict[TP, int] = field(default_factory=dict)
     last: dict[TP, int] = field(default_factory=dict)
-
-    def add(self, rec: InRecord) -> None:
-        tp = (rec.topic, rec.partition)
-        self.records.append(rec)
-        self.first.setdefault(tp, rec.offset)
-        self.last[tp] = rec.offset
 
     def offsets(self) -> list[TopicPartition]:
         """Next offsets to commit (last consumed + 1) per partition."""
@@ -303,6 +303,7 @@ class KafkaLoop:
             if self._opts.align_max_ahead_ms > 0 else None
         )
         self._align_start: dict[TP, int] = {}
+        self._topic_names: dict[str, bytes] = {}
 
     @property
     def _c(self) -> Consumer:
@@ -469,27 +470,47 @@ class KafkaLoop:
         self._listener.heartbeat()
 
     def _to_batch(self, msgs: Iterable[Message]) -> _Batch:
+        """`InRecord`s of the consumed messages of assigned partitions, with per-partition offsets.
+
+        The per-record hot path of every service: locals only, positional construction, and the
+        first/last offsets bookkept once per run of one partition's records (consume hands them
+        out in runs), not once per record.
+        """
         batch = _Batch()
+        records, first, last = batch.records, batch.first, batch.last
+        append = records.append
+        assigned = self._assigned
+        new = InRecord
+        run: TP | None = None
+        offset = 0
         for msg in msgs:
             err = msg.error()
             if err is not None:
-                if err.code() == KafkaError._PARTITION_EOF:
-                    continue
-                if err.fatal() or err.code() == KafkaError._FATAL:
-                    # e.g. fenced by another consumer with the same group.instance.id
-                    raise LoopFatalError(f"consumer failed: {err}")
-                log.warning("consume error", service=self._service, error=str(err))
+                self._consume_error(err)
                 continue
-            topic, partition = msg.topic(), msg.partition()
-            if topic is None or partition is None or (topic, partition) not in self._assigned:
+            tp = (msg.topic(), msg.partition())
+            if tp not in assigned:
                 continue
-            _kind, ts = msg.timestamp()
-            raw = msg.headers() or []
-            pairs = raw.items() if isinstance(raw, dict) else raw
-            headers: Headers = tuple((k, v.encode() if isinstance(v, str) else (v or b"")) for k, v in pairs)
-            batch.add(InRecord(topic=topic, partition=partition, offset=msg.offset() or 0, key=msg.key(),
-                               value=msg.value(), timestamp_ms=ts, headers=headers))
+            offset = msg.offset() or 0
+            if tp != run:
+                if run is not None:
+                    last[run] = records[-1].offset
+                run = tp
+                first.setdefault(tp, offset)
+            raw = msg.headers()
+            append(new(tp[0], tp[1], offset, msg.key(), msg.value(), msg.timestamp()[1],
+                       _headers(raw) if raw else ()))
+        if run is not None:
+            last[run] = offset
         return batch
+
+    def _consume_error(self, err: KafkaError) -> None:
+        if err.code() == KafkaError._PARTITION_EOF:
+            return
+        if err.fatal() or err.code() == KafkaError._FATAL:
+            # e.g. fenced by another consumer with the same group.instance.id
+            raise LoopFatalError(f"consumer failed: {err}")
+        log.warning("consume error", service=self._service, error=str(err))
 
     async def _process(self, records: list[InRecord]) -> BatchResult:
         try:
@@ -606,25 +627,35 @@ class KafkaLoop:
         The source is `OutRecord.source`, else the input of the same key (the n-th output of a key
         takes the n-th input of that key).
         """
-        by_key: dict[bytes | None, list[InRecord]] = {}
-        for rec in inputs:
-            by_key.setdefault(rec.key, []).append(rec)
+        by_key: dict[bytes | None, list[InRecord]] | None = None
         used: dict[bytes | None, int] = {}
+        with_headers = self._with_headers
         result = []
         for out in outputs:
             source = out.source
             if source is None:
+                if by_key is None:
+                    by_key = {}
+                    for rec in inputs:
+                        by_key.setdefault(rec.key, []).append(rec)
                 candidates = by_key.get(out.key)
                 if candidates:
                     n = used.get(out.key, 0)
                     used[out.key] = n + 1
                     source = candidates[min(n, len(candidates) - 1)]
-            result.append(self._with_headers(out, source))
+            result.append(with_headers(out, source) if source is not None else out)
         return result
 
     def _with_headers(self, out: OutRecord, source: InRecord | None) -> OutRecord:
         if source is None:
             return out
+        if not out.headers and not source.headers:
+            # The common case of a raw input: both tracing headers derived from the source.
+            return OutRecord(out.topic, out.key, out.value, out.partition, (
+                (CORRELATION_HEADER, b"%s-%d-%d" % (self._topic_bytes(source.topic), source.partition,
+                                                     source.offset)),
+                (INGEST_TIME_HEADER, b"%d" % (source.timestamp_ms * 1_000_000)),
+            ), source)
         has_cid = has_ingest = False
         for name, _ in out.headers:
             if name == CORRELATION_HEADER:
@@ -642,13 +673,19 @@ class KafkaLoop:
                 ingest = value
         if not has_cid:
             extra.append((CORRELATION_HEADER,
-                          cid if cid is not None else b"%s-%d-%d" % (source.topic.encode(), source.partition,
-                                                                      source.offset)))
+                          cid if cid is not None else b"%s-%d-%d" % (self._topic_bytes(source.topic),
+                                                                      source.partition, source.offset)))
         if not has_ingest:
             extra.append((INGEST_TIME_HEADER,
                           ingest if ingest is not None else b"%d" % (source.timestamp_ms * 1_000_000)))
         return OutRecord(topic=out.topic, key=out.key, value=out.value, partition=out.partition,
                          headers=out.headers + tuple(extra), source=source)
+
+    def _topic_bytes(self, topic: str) -> bytes:
+        encoded = self._topic_names.get(topic)
+        if encoded is None:
+            encoded = self._topic_names[topic] = topic.encode()
+        return encoded
 
     def _delivered(self, err: KafkaError | None, _msg: Message) -> None:
         if err is not None:
@@ -1101,16 +1138,21 @@ class _Metrics:
         if batch.records:
             m.record_batch(len(batch.records), seconds)
         per_topic: dict[str, int] = {}
-        now_ns = int(now_s * 1e9)
-        ingest_h = m.child(m.ingest_latency)
-        event_h = m.child(m.event_latency)
+        ingest: list[bytes] = []
+        event: list[bytes] = []
         for out in produced.outputs:
-            per_topic[out.topic] = per_topic.get(out.topic, 0) + 1
+            topic = out.topic
+            per_topic[topic] = per_topic.get(topic, 0) + 1
             for name, value in out.headers:
                 if name == INGEST_TIME_HEADER:
-                    _observe_ns(ingest_h, now_ns, value)
+                    ingest.append(value)
                 elif name == EVENT_TIME_HEADER:
-                    _observe_ns(event_h, now_ns, value)
+                    event.append(value)
+        now_ns = int(now_s * 1e9)
+        if ingest:
+            observe_many(m.child(m.ingest_latency), _seconds_since(now_ns, ingest))
+        if event:
+            observe_many(m.child(m.event_latency), _seconds_since(now_ns, event))
         for topic, n in per_topic.items():
             m.record_out(topic, n)
         for dl in produced.dead_letters:
@@ -1156,9 +1198,13 @@ def _close_producer(producer: Producer) -> None:
             log.info("closing a failed producer", error=str(exc))
 
 
-def _observe_ns(histogram: Any, now_ns: int, raw: bytes) -> None:
-    try:
-        then = int(raw)
-    except ValueError:
-        return
-    histogram.observe(max(0.0, (now_ns - then) / 1e9))
+def _seconds_since(now_ns: int, raws: list[bytes]) -> list[float]:
+    """Seconds from each header value (epoch ns as ASCII) to `now_ns`, >= 0; unparsable ones skipped."""
+    seconds = []
+    for raw in raws:
+        try:
+            then = int(raw)
+        except ValueError:
+            continue
+        seconds.append(max(0.0, (now_ns - then) / 1e9))
+    return seconds
