@@ -67,7 +67,11 @@ def test_typical_trade_and_quote() -> None:
     trade = NormalizedTick("XNYM", "CLZ6", TickKind.TRADE, ts, ingest, 3, 123_456, 1234, "T-8812", 71.25, 3.0)
     quote = NormalizedTick("OANDA", "EURUSD", TickKind.QUOTE, ts, ingest, 0, 7, None, None, None, None,
                            1.0841, 1.0843, None, 2.5)
-    for tick in (trade, quote):
+    book = NormalizedTick("BINANCE", "ETHUSDT", TickKind.QUOTE, ts, ingest, 5, 8, 35_346_513_501, None,
+                          None, None, 2683.8, 2683.81, 3.0292, 31.4395)
+    odd = NormalizedTick("X", "Y", TickKind.TRADE, ts, ingest, 0, 9, None, None, 1.0, None,
+                         2.0, 3.0, 4.0, 5.0)
+    for tick in (trade, quote, book, odd):
         assert encode(tick) == _fastavro(tick)
 
 

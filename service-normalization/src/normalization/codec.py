@@ -47,6 +47,7 @@ _NULL = b"\x00"
 _SOME = b"\x02"  # union branch 1 (the value) of ["null", X]
 _SOME_DOUBLE = struct.Struct("<Bd").pack
 _TWO_DOUBLES = struct.Struct("<BdBd").pack
+_FULL_QUOTE = struct.Struct("<BBBdBdBdBd").pack  # price, size null; bid, ask and both sizes set
 _NO_QUOTE = b"\x00\x00\x00\x00"  # bid, ask, bid_size, ask_size all null
 _KIND = {TickKind.TRADE: b"\x00", TickKind.QUOTE: b"\x02"}
 #: Varints of the lengths of short strings (venue and symbol are at most 64 characters).
@@ -82,7 +83,8 @@ def tick_encoder(registry: avro.SchemaRegistry | None = None) -> TickEncoder:
 
 
 def _direct_encoder(header: bytes, label: str) -> TickEncoder:
-    wl, some_double, two_doubles, kinds, short = write_long, _SOME_DOUBLE, _TWO_DOUBLES, _KIND, _SHORT
+    wl, some_double, two_doubles, full_quote = write_long, _SOME_DOUBLE, _TWO_DOUBLES, _FULL_QUOTE
+    kinds, short = _KIND, _SHORT
     # The last event and ingest times and their varints: consecutive records often share them
     # (ticks of one millisecond, records produced together).
     last_ts, last_ts_bytes = 0, wl(0)
@@ -117,6 +119,9 @@ def _direct_encoder(header: bytes, label: str) -> TickEncoder:
                     and ask_size is None:  # a trade
                 append(two_doubles(2, price, 2, size))
                 append(_NO_QUOTE)
+            elif price is None and size is None and bid is not None and ask is not None \
+                    and bid_size is not None and ask_size is not None:  # a quote with both sides
+                append(full_quote(0, 0, 2, bid, 2, ask, 2, bid_size, 2, ask_size))
             else:
                 for x in (price, size, bid, ask, bid_size, ask_size):
                     append(_NULL if x is None else some_double(2, x))
