@@ -184,3 +184,62 @@ def test_varint_at_every_length_boundary() -> None:
     for bad in (2**63, -(2**63) - 1):
         with pytest.raises(ValueError, match="64-bit"):
             write_long(bad)
+
+
+def _outcome(read: Any, data: bytes) -> Any:
+    try:
+        return read(data)
+    except DecodeError:
+        return "DecodeError"
+
+
+@pytest.mark.parametrize("name", SCHEMAS)
+@settings(max_examples=60, deadline=None)
+@given(data=st.data())
+def test_field_reader_accepts_and_refuses_what_decode_does(name: str, data: st.DataObject) -> None:
+    """Generated records, then truncated and with bytes overwritten: the same outcome as `decode`."""
+    registry = default_registry()
+    names = [f["name"] for f in registry.get(name).source["fields"]]
+    keep = data.draw(st.lists(st.sampled_from(names), unique=True, max_size=4))
+    read = registry.field_reader(name, keep)
+    message = bytearray(avro.encode(name, data.draw(_record_strategy(name))))
+    variants = [bytes(message), bytes(message[:data.draw(st.integers(HEADER_SIZE, len(message)))])]
+    for _ in range(3):
+        at = data.draw(st.integers(HEADER_SIZE, len(message) - 1))
+        message[at] = data.draw(st.sampled_from([0x00, 0x01, 0x02, 0x04, 0x7F, 0x80, 0xC3, 0xFF]))
+        variants.append(bytes(message))
+    for variant in variants:
+        full = _outcome(lambda b: avro.decode(b, name), variant)
+        expected = full if full == "DecodeError" else {k: full[k] for k in names if k in keep}
+        assert repr(_outcome(read, variant)) == repr(expected)  # repr: an overwritten double may be NaN
+
+
+def test_field_reader_checks_skipped_fields() -> None:
+    registry = default_registry()
+    read = registry.field_reader("normalized_tick", ["venue"])
+    base = {"venue": "V", "symbol": "S", "kind": "TRADE", "ts_ns": 1, "seq": None, "trade_id": "\u00e9",
+            "ingest_ns": 2, "source_partition": 0, "source_offset": 3}
+    data = avro.encode("normalized_tick", base)
+    assert read(data) == {"venue": "V"}
+    bad_utf8 = data.replace("\u00e9".encode(), b"\xff\xfe")
+    with pytest.raises(DecodeError):
+        avro.decode(bad_utf8, "normalized_tick")
+    with pytest.raises(DecodeError):
+        read(bad_utf8)
+    eleven_byte_varint = data[:HEADER_SIZE + 5] + b"\xff" * 10 + b"\x01" + data[HEADER_SIZE + 6:]
+    with pytest.raises(DecodeError):
+        avro.decode(eleven_byte_varint, "normalized_tick")
+    with pytest.raises(DecodeError):
+        read(eleven_byte_varint)
+    with pytest.raises(avro.UnknownSchemaError):
+        registry.field_reader("normalized_tick", ["no_such_field"])
+
+
+def test_field_reader_decodes_other_writer_versions_in_full() -> None:
+    registry = default_registry()
+    record = {"venue": "V", "symbol": "S", "kind": "QUOTE", "ts_ns": 1, "seq": 5, "bid": 1.0, "ingest_ns": 2,
+              "source_partition": 0, "source_offset": 3}
+    data = avro.encode("normalized_tick", record)
+    foreign = data[:2] + bytes(8) + data[HEADER_SIZE:]  # an unknown writer: decode's error
+    with pytest.raises(avro.UnknownFingerprintError):
+        registry.field_reader("normalized_tick", ["venue"])(foreign)

@@ -117,7 +117,7 @@ class EnrichmentProcessor:
         self._enricher = Enricher(
             store.cache,
             output_topic=settings.topics.enriched,
-            decode=self._codec.decode,
+            decode=self._codec.read,
             encode=self._codec.encode,
             event_time_header=EVENT_TIME_HEADER,
         )

@@ -15,7 +15,7 @@ plain path (decode with resolution, encode the record). Both paths give identica
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from io import BytesIO
 from typing import Any
 
@@ -28,6 +28,8 @@ INPUT_SCHEMA = "normalized_tick"
 OUTPUT_SCHEMA = "enriched_tick"
 #: Fields of the input that the output replaces by instrument fields, in order.
 REPLACED_FIELDS = ("venue", "symbol")
+#: Fields of a spliced message that the enrichment reads: the listing to resolve and the event time.
+READ_FIELDS = ("venue", "symbol", "ts_ns")
 #: Bound of the per-instrument prefix cache (cleared when exceeded).
 PREFIX_CACHE_MAX = 100_000
 _HEADER_SIZE = avro.HEADER_SIZE
@@ -103,6 +105,9 @@ class TickCodec:
                 named_schemas={},
             )
         self._prefixes: dict[tuple[int, int], tuple[Instrument, Venue, bytes]] = {}
+        self._read: Callable[[bytes], dict[str, Any]] = self.decode
+        if self._prefix_schema is not None:
+            self._read = self._registry.field_reader(INPUT_SCHEMA, READ_FIELDS)
 
     @property
     def splices(self) -> bool:
@@ -113,8 +118,16 @@ class TickCodec:
         """Decode a `normalized_tick` message of any known writer version (raises when it does not)."""
         return self._registry.decode(raw, INPUT_SCHEMA)
 
+    def read(self, raw: bytes) -> dict[str, Any]:
+        """What `encode` needs of a message: `decode`'s result, or with the splice only `READ_FIELDS`.
+
+        A message that the splice will take is still checked in full (it fails exactly when `decode`
+        fails), but only the fields the enrichment reads are built.
+        """
+        return self._read(raw)
+
     def encode(self, raw: bytes, tick: Mapping[str, Any], instrument: Instrument, venue: Venue) -> bytes:
-        """The `enriched_tick` message for `tick` (decoded from `raw`) and its instrument."""
+        """The `enriched_tick` message for `tick` (`read` or `decode` of `raw`) and its instrument."""
         if self._prefix_schema is not None and raw[:_HEADER_SIZE] == self._in_header:
             venue_text, symbol = tick["venue"], tick["symbol"]
             if len(venue_text) < 64 and len(symbol) < 64 and venue_text.isascii() and symbol.isascii():

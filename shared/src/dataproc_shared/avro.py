@@ -20,7 +20,7 @@ import copy
 import json
 import re
 import struct
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from io import BytesIO
@@ -32,7 +32,7 @@ from fastavro.schema import fingerprint as _fingerprint
 from fastavro.schema import to_parsing_canonical_form
 from fastavro.utils import generate_many
 
-from dataproc_shared.avro_flat import FlatCodec, compile_flat
+from dataproc_shared.avro_flat import FlatCodec, compile_flat, compile_flat_reader
 from dataproc_shared.errors import AvroError
 
 SCHEMAS_DIR = Path(__file__).parent / "schemas"
@@ -201,6 +201,38 @@ class SchemaRegistry:
         except (ValueError, TypeError, KeyError, AttributeError) as exc:
             raise EncodeError(f"{schema.name}.v{schema.version}: {exc}") from exc
         return buf.getvalue()
+
+    def field_reader(self, schema_name: str, fields: Iterable[str]) -> Callable[[bytes], dict[str, Any]]:
+        """A decoder of `schema_name` messages that returns (at least) `fields`.
+
+        A message written with the newest version of the schema is checked in full, so it is accepted
+        or refused exactly as by `decode`, but only `fields` are built; a message of any other writer
+        version is decoded in full by `decode`. Errors are `decode`'s.
+        """
+        schema = self.get(schema_name)
+        wanted = tuple(fields)
+        known = {str(f["name"]) for f in schema.source.get("fields", [])}
+        missing = [name for name in wanted if name not in known]
+        if missing:
+            raise UnknownSchemaError(f"{schema.name}.v{schema.version} has no field {', '.join(missing)}")
+        full = self.decode
+        flat = None
+        if schema.fingerprint in self._flat:
+            flat = compile_flat_reader(_strip_logical(schema.source), wanted)
+        if flat is None:
+            return lambda data: full(data, schema_name)
+        header = schema.header
+        label = f"{schema.name}.v{schema.version}"
+
+        def read(data: bytes) -> dict[str, Any]:
+            if data[:HEADER_SIZE] != header:
+                return full(data, schema_name)
+            try:
+                return flat(data if type(data) is bytes else bytes(data), HEADER_SIZE)
+            except (ValueError, IndexError, struct.error) as exc:  # UnicodeDecodeError is a ValueError
+                raise DecodeError(f"cannot decode {label} as {label}: {exc!r}") from exc
+
+        return read
 
     def writer_of(self, data: bytes) -> SchemaVersion:
         """The writer schema named by a message's header."""

@@ -17,8 +17,9 @@ or corrupt body. The caller (`SchemaRegistry`) turns both into its own errors.
 
 from __future__ import annotations
 
+import re
 import struct
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +28,8 @@ _MISSING = object()
 _INTEGERS = frozenset({"int", "long"})
 _PRIMITIVES = frozenset({"int", "long", "double", "boolean", "string"})
 _LONG_MIN, _LONG_MAX = -(2**63), 2**63 - 1
+#: A well-formed varint: at most nine bytes with the continuation bit, then one without.
+_VARINT = re.compile(rb"[\x80-\xff]{0,9}[\x00-\x7f]")
 
 
 _ONE_BYTE = tuple(bytes((i,)) for i in range(0x80))
@@ -122,15 +125,12 @@ def compile_flat(schema: Any) -> FlatCodec | None:
         "_missing": _MISSING,
     }
     enc = ["def encode(r):", "    parts = []", "    a = parts.append"]
-    dec = ["def decode(b, p):", "    lb = len(b)"]
-    names: list[str] = []
     for i, f in enumerate(schema["fields"]):
         kind = _field_type(f.get("type"))
         if kind is None:
             return None
         nullable, prim, symbols = kind
         name, v = str(f["name"]), f"v{i}"
-        names.append(name)
         if "default" in f:
             ns[f"_default{i}"] = f["default"]
             enc.append(f"    {v} = r.get({name!r}, _default{i})")
@@ -138,39 +138,91 @@ def compile_flat(schema: Any) -> FlatCodec | None:
             enc.append(f"    {v} = r.get({name!r})")
         else:
             enc.append(f"    {v} = r[{name!r}]")
-        e_ind = d_ind = "    "
+        e_ind = "    "
         if nullable:
             enc += [f"    if {v} is None:", "        a(b'\\x00')", "    else:", "        a(b'\\x02')"]
-            dec += ["    u = b[p]", "    p += 1", "    if u == 0:", f"        {v} = None",
-                    "    elif u != 2:", "        raise ValueError('invalid union index')", "    else:"]
-            e_ind = d_ind = "        "
+            e_ind = "        "
         if prim in _INTEGERS:
             enc.append(f"{e_ind}a(_wl({v}))")
-            dec += _read_varint(d_ind, v)
         elif prim == "double":
             enc.append(f"{e_ind}a(_pd({v}))")
-            dec += [f"{d_ind}({v},) = _ud(b, p)", f"{d_ind}p += 8"]
         elif prim == "boolean":
             enc.append(f"{e_ind}a(b'\\x01' if {v} else b'\\x00')")
-            dec += [f"{d_ind}c = b[p]", f"{d_ind}if c > 1:",
-                    f"{d_ind}    raise ValueError(f'invalid boolean byte {{c}}')",
-                    f"{d_ind}{v} = c == 1", f"{d_ind}p += 1"]
         elif prim == "string":
             enc += [f"{e_ind}{v} = {v}.encode()", f"{e_ind}a(_wl(len({v})))", f"{e_ind}a({v})"]
+        else:  # enum
+            ns[f"_index{i}"] = {s: k for k, s in enumerate(symbols or [])}
+            enc.append(f"{e_ind}a(_wl(_index{i}[{v}]))")
+    enc.append("    return b''.join(parts)")
+    exec("\n".join(enc), ns)  # noqa: S102 - code generated from the schema's field list above
+    decode = compile_flat_reader(schema)
+    if decode is None:  # pragma: no cover - the same field kinds as above
+        return None
+    return FlatCodec(encode=ns["encode"], decode=decode)
+
+
+Reader = Callable[[bytes, int], dict[str, Any]]
+
+
+def compile_flat_reader(schema: Any, keep: Iterable[str] | None = None) -> Reader | None:
+    """Generated decoder of a flat record schema (logical types stripped), else None.
+
+    With `keep`, the decoder checks the whole body exactly as the full one does (it accepts and
+    refuses the same bytes) but returns only the fields named in `keep`: the values of the others
+    are not built (integers are only checked to be well-formed varints, doubles to be present,
+    strings to be UTF-8).
+    """
+    if not isinstance(schema, dict) or schema.get("type") != "record" or not schema.get("fields"):
+        return None
+    wanted = None if keep is None else frozenset(keep)
+    ns: dict[str, Any] = {"_rl": read_long, "_ud": _DOUBLE.unpack_from, "_skip": _VARINT.match}
+    dec = ["def decode(b, p):", "    lb = len(b)"]
+    kept_fields: list[tuple[str, str]] = []
+    for i, f in enumerate(schema["fields"]):
+        kind = _field_type(f.get("type"))
+        if kind is None:
+            return None
+        nullable, prim, symbols = kind
+        name, v = str(f["name"]), f"v{i}"
+        kept = wanted is None or name in wanted
+        if kept:
+            kept_fields.append((name, v))
+        d_ind = "    "
+        if nullable:
+            dec += ["    u = b[p]", "    p += 1", "    if u == 0:",
+                    f"        {v} = None" if kept else "        pass", "    elif u != 2:",
+                    "        raise ValueError('invalid union index')", "    else:"]
+            d_ind = "        "
+        if prim in _INTEGERS:
+            if kept:
+                dec += _read_varint(d_ind, v)
+            else:
+                dec += [f"{d_ind}if b[p] < 0x80:", f"{d_ind}    p += 1", f"{d_ind}else:",
+                        f"{d_ind}    m = _skip(b, p)", f"{d_ind}    if m is None:",
+                        f"{d_ind}        raise ValueError('truncated varint or longer than 10 bytes')",
+                        f"{d_ind}    p = m.end()"]
+        elif prim == "double":
+            if kept:
+                dec += [f"{d_ind}({v},) = _ud(b, p)", f"{d_ind}p += 8"]
+            else:
+                dec += [f"{d_ind}p += 8", f"{d_ind}if p > lb:",
+                        f"{d_ind}    raise ValueError('truncated double')"]
+        elif prim == "boolean":
+            dec += [f"{d_ind}c = b[p]", f"{d_ind}if c > 1:",
+                    f"{d_ind}    raise ValueError(f'invalid boolean byte {{c}}')",
+                    f"{d_ind}{v} = c == 1" if kept else f"{d_ind}pass", f"{d_ind}p += 1"]
+        elif prim == "string":
             dec += [*_read_varint(d_ind, "n"), f"{d_ind}if n < 0:",
                     f"{d_ind}    raise ValueError('negative length')",
                     f"{d_ind}q = p + n", f"{d_ind}if q > lb:",
                     f"{d_ind}    raise ValueError('truncated string')",
-                    f"{d_ind}{v} = b[p:q].decode()", f"{d_ind}p = q"]
+                    f"{d_ind}{v} = b[p:q].decode()" if kept else f"{d_ind}b[p:q].decode()", f"{d_ind}p = q"]
         else:  # enum
-            symbols = symbols or []
-            ns[f"_index{i}"] = {s: k for k, s in enumerate(symbols)}
-            ns[f"_symbols{i}"] = tuple(symbols)
-            enc.append(f"{e_ind}a(_wl(_index{i}[{v}]))")
+            ns[f"_symbols{i}"] = tuple(symbols or [])
             dec += [*_read_varint(d_ind, "n"), f"{d_ind}if n < 0:",
-                    f"{d_ind}    raise IndexError('enum index')", f"{d_ind}{v} = _symbols{i}[n]"]
-    enc.append("    return b''.join(parts)")
-    dec.append("    return {" + ", ".join(f"{n!r}: v{i}" for i, n in enumerate(names)) + "}")
-    exec("\n".join(enc), ns)  # noqa: S102 - code generated from the schema's field list above
-    exec("\n".join(dec), ns)  # noqa: S102
-    return FlatCodec(encode=ns["encode"], decode=ns["decode"])
+                    f"{d_ind}    raise IndexError('enum index')",
+                    f"{d_ind}{v} = _symbols{i}[n]" if kept else f"{d_ind}_symbols{i}[n]"]
+    dec.append("    return {" + ", ".join(f"{n!r}: {v}" for n, v in kept_fields) + "}")
+    exec("\n".join(dec), ns)  # noqa: S102 - code generated from the schema's field list above
+    decoder: Reader = ns["decode"]
+    return decoder
