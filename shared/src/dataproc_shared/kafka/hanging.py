@@ -14,14 +14,16 @@ never reached one partition. Kafka's own remedy is an operator running
 2. `ListTransactions` on every broker, filtered by those producer ids: what the coordinator knows.
    `Ongoing` / `Prepare*` means the coordinator is still working on it: left alone;
 3. otherwise the partition gets the marker its transaction is missing, written to the leader with
-   `WriteTxnMarkers` (the request KIP-664's `abortTransaction` sends): **COMMIT** when the
-   coordinator completed this very producer id and epoch with `CompleteCommit` and the leader
-   verifies transactional writes (`transaction.partition.verification.enable`, KIP-890 part 1:
-   a write after the transaction ended is rejected, so these records belong to the committed
-   transaction, whose other partitions and input offsets were committed - aborting them would lose
-   them); **ABORT** in every other case (the coordinator aborted it, the producer was
-   re-initialised, its id expired, or a late write cannot be ruled out), as an operator's
-   `kafka-transactions.sh abort` would.
+   `WriteTxnMarkers` (the request KIP-664's `abortTransaction` sends). Which marker is what the
+   coordinator decided for that transaction, read from its own log (`kafka.txnlog`,
+   `__transaction_state`): the decision recorded after the last state of that producer epoch that
+   listed the partition - **COMMIT** after `PrepareCommit`/`CompleteCommit` (the rest of the
+   transaction, input offsets included, is committed: aborting these records would lose them),
+   **ABORT** after `PrepareAbort`/`CompleteAbort`/`PrepareEpochFence` or when no state listed the
+   partition (the coordinator never knew these records). Only when the log cannot be read, the
+   coordinator's current state decides: `CompleteCommit` of the same producer epoch on a leader
+   that verifies transactional writes (`transaction.partition.verification.enable`, KIP-890
+   part 1) -> commit, anything else -> abort, as `kafka-transactions.sh abort` would.
 
 Every resolution is logged (`hanging transaction resolved`), counted in
 `dp_hanging_transactions_total{action}` and kept in `last` for the health report.
@@ -38,7 +40,7 @@ import structlog
 from confluent_kafka.admin import AdminClient, ConfigResource  # type: ignore[attr-defined]
 
 from dataproc_shared.config import Settings, kafka_common_config
-from dataproc_shared.kafka import wire
+from dataproc_shared.kafka import txnlog, wire
 
 log = structlog.get_logger(__name__)
 
@@ -205,11 +207,8 @@ class HangingTransactionResolver:
             action: Action
             if state in _IN_PROGRESS:
                 action = "left"
-            elif (state == "CompleteCommit" and self._same_epoch(brokers, listing, prod)
-                  and self._verifies(leader)):
-                action = "commit"
             else:
-                action = "abort"
+                action = self._outcome(brokers, leader, listing, topic, p, prod)
             error = None
             if action in ("commit", "abort") and not dry_run:
                 try:
@@ -229,6 +228,32 @@ class HangingTransactionResolver:
                 self._metrics.record_hanging_transaction(action)
         self.last = found
         return found
+
+    def _outcome(self, brokers: dict[int, tuple[str, int]], leader: int,
+                 listing: wire.TransactionListing | None, topic: str, partition: int,
+                 prod: wire.ActiveProducer) -> Action:
+        """Commit or abort: what the coordinator decided for the transaction that wrote these records.
+
+        The coordinator's own log (`__transaction_state`) tells: the last state of the producer's
+        transactional id that listed this partition, and the decision recorded after it. Without
+        that record (unreadable), the coordinator's current state decides: `CompleteCommit` of the
+        same producer epoch on a verifying leader -> commit, anything else -> abort.
+        """
+        if listing is not None:
+            try:
+                decided = txnlog.decision(self._admin_client(), self._config, listing.transactional_id,
+                                          prod.producer_id, prod.producer_epoch, topic, partition,
+                                          timeout_s=self._timeout_s)
+            except Exception as exc:
+                log.info("transaction log not readable", transactional_id=listing.transactional_id,
+                         error=str(exc))
+                decided = None
+            if decided is not None:
+                return decided
+            if (listing.state == "CompleteCommit" and self._same_epoch(brokers, listing, prod)
+                    and self._verifies(leader)):
+                return "commit"
+        return "abort"
 
     def _coordinator_states(self, brokers: dict[int, tuple[str, int]], producer_ids: list[int]
                             ) -> dict[int, wire.TransactionListing]:

@@ -108,6 +108,10 @@ class Reader:
         self._pos += n
         return chunk
 
+    def raw(self, n: int) -> bytes:
+        """The next `n` bytes."""
+        return self._take(n)
+
     def int8(self) -> int:
         """INT8 (also BOOLEAN)."""
         return int(struct.unpack(">b", self._take(1))[0])
