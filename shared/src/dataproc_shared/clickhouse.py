@@ -251,10 +251,12 @@ class ChdbClickHouse:
 
     backend = "chdb"
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, *, native_inserts: bool = True) -> None:
+        """`native_inserts=False` sends every insert as `JSONEachRow` (for comparisons)."""
         from chdb import session
 
         self.path = path
+        self._native_inserts = native_inserts
         self._lock = threading.Lock()
         self._session: Any = session.Session(path)  # type: ignore[no-untyped-call]
         # Native-format encoder per (table, columns); None when the table needs the text format.
@@ -307,7 +309,7 @@ class ChdbClickHouse:
         columns = ", ".join(f"`{c}`" for c in column_names if _COLUMN.match(c) or _bad_column(c))
         target = _quote_identifier(table)
         token = f"insert_deduplication_token = {_token_literal(dedup_token)}" if dedup_token else ""
-        block = self._native_block(table, column_names, rows)
+        block = self._native_block(table, column_names, rows) if self._native_inserts else None
         if block is not None:
             sql = f"INSERT INTO {target} ({columns})" + (f" SETTINGS {token}" if token else "")
             try:
