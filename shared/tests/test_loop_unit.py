@@ -103,6 +103,19 @@ async def test_backpressure_pauses_until_the_producer_queue_drains() -> None:
     assert consumer.calls == []
 
 
+async def test_backpressure_does_not_resume_partitions_the_alignment_holds() -> None:
+    lp = loop()
+    producer, consumer = QueueProducer(25_000), PauseRecorder()
+    lp._producer, lp._consumer = producer, consumer  # type: ignore[assignment]
+    lp._assigned = {("in", 0), ("in", 1)}
+    alignment = lp._alignment
+    assert alignment is not None  # on by default
+    alignment.report({("in", 0): 0, ("in", 1): 60 * 10**9})
+    assert alignment.decide({("in", 0), ("in", 1)}, now_ns=0).pause == {("in", 1)}
+    await lp._backpressure()
+    assert consumer.calls == [("pause", [("in", 0), ("in", 1)]), ("resume", [("in", 0)])]
+
+
 def test_a_transactional_call_past_its_deadline_counts_as_hung(monkeypatch: pytest.MonkeyPatch) -> None:
     """librdkafka can block in send_offsets_to_transaction forever: the loop walks away from it."""
     monkeypatch.setattr(loop_module, "TXN_CALL_DEADLINE_S", 0.2)

@@ -132,6 +132,9 @@ LAG_INTERVAL_S = 10.0
 TXN_CALL_TIMEOUT_S = 30.0
 #: A transactional call still blocked this long after it started is abandoned with its producer.
 TXN_CALL_DEADLINE_S = TXN_CALL_TIMEOUT_S + 15.0
+#: Longest wait for the committed offset of a partition not consumed yet (event-time alignment);
+#: on a timeout the cycle goes on and the look-up is tried again after the next cycle.
+ALIGN_LOOKUP_TIMEOUT_S = 5.0
 #: Longest wait between keep-alive polls while a slow processor step runs.
 KEEPALIVE_MAX_S = 30.0
 #: How often a retriable error is retried before the cycle is aborted.
@@ -1019,7 +1022,7 @@ class KafkaLoop:
         """Committed offset of a partition not consumed since its assignment (else `low`)."""
         start = self._align_start.get(tp)
         if start is None:
-            committed = self._c.committed([TopicPartition(*tp)], timeout=TXN_CALL_TIMEOUT_S)
+            committed = self._c.committed([TopicPartition(*tp)], timeout=ALIGN_LOOKUP_TIMEOUT_S)
             start = committed[0].offset if committed and committed[0].offset >= 0 else low
             self._align_start[tp] = start
         return max(start, low)
