@@ -221,3 +221,8 @@ def test_transaction_in_progress_at_its_coordinator_is_left_alone(stack: Private
     assert lso < hw  # no marker was written
     producer.commit_transaction(30)  # the producer still owns its transaction
     assert _committed_values(bootstrap, topic, 0) == [b"1"]
+    # the group's offsets partition of __consumer_offsets is reachable the same way (nothing open)
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "hang-group"})
+    consumer.commit(offsets=[TopicPartition(topic, 0, 1)], asynchronous=False)
+    consumer.close()
+    assert resolver.resolve_group("hang-group") == []

@@ -46,6 +46,8 @@ log = structlog.get_logger(__name__)
 
 #: Coordinator states of a transaction that is still being finished by its coordinator.
 _IN_PROGRESS = frozenset({"Ongoing", "PrepareCommit", "PrepareAbort", "PrepareEpochFence"})
+#: The group coordinator's topic: a transaction's offset commit is a record there.
+OFFSETS_TOPIC = "__consumer_offsets"
 #: Used when the brokers' `transaction.max.timeout.ms` cannot be read (Kafka's default).
 DEFAULT_MAX_TXN_TIMEOUT_S = 900.0
 
@@ -254,6 +256,18 @@ class HangingTransactionResolver:
                     and self._verifies(leader)):
                 return "commit"
         return "abort"
+
+    def resolve_group(self, group_id: str) -> list[HangingTransaction]:
+        """Resolve hanging transactions on the `__consumer_offsets` partition of `group_id`.
+
+        A transaction's offset commit lives there; left open, it blocks every read of the group's
+        committed offsets (`UNSTABLE_OFFSET_COMMIT` until the client's timeout).
+        """
+        md = self._admin_client().list_topics(OFFSETS_TOPIC, timeout=self._timeout_s)
+        meta = md.topics.get(OFFSETS_TOPIC)
+        if meta is None or not meta.partitions:
+            return []
+        return self.resolve(OFFSETS_TOPIC, [txnlog.partition_for(group_id, len(meta.partitions))])
 
     def _coordinator_states(self, brokers: dict[int, tuple[str, int]], producer_ids: list[int]
                             ) -> dict[int, wire.TransactionListing]:

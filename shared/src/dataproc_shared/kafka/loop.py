@@ -815,6 +815,11 @@ class KafkaLoop:
                 if attempt == REWIND_ATTEMPTS:
                     raise LoopFatalError(f"cannot rewind to the committed offsets: {exc}") from exc
                 log.warning("rewind failed, retrying", service=self._service, error=str(exc), attempt=attempt)
+                if self._exactly_once:
+                    # committed offsets that never become readable: an open offset commit of a
+                    # transaction whose marker a broker restart lost
+                    with contextlib.suppress(Exception):
+                        await asyncio.to_thread(self._hanging.resolve_group, self._settings.group_id)
                 await asyncio.sleep(min(1.0 * attempt, 10.0))
 
     def _rewind(self) -> None:
@@ -895,6 +900,9 @@ class KafkaLoop:
             found = []
             for topic, parts in by_topic.items():
                 found += await asyncio.to_thread(self._hanging.resolve, topic, parts)
+            # the group's committed offsets: a transaction's offset commit left open there blocks the
+            # rewind after every rolled-back cycle
+            found += await asyncio.to_thread(self._hanging.resolve_group, self._settings.group_id)
             report = getattr(self._listener, "report", None)
             if report is not None:
                 if found:
