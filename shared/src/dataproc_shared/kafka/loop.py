@@ -993,10 +993,15 @@ class KafkaLoop:
     def _apply_alignment(self, alignment: Alignment) -> None:
         consumer = self._c
         decision = alignment.decide(self._waiting(), time.monotonic_ns())
-        if decision.pause:
-            consumer.pause([TopicPartition(t, p) for t, p in sorted(decision.pause)])
-        if decision.resume:
-            consumer.resume([TopicPartition(t, p) for t, p in sorted(decision.resume)])
+        try:
+            if decision.pause:
+                consumer.pause([TopicPartition(t, p) for t, p in sorted(decision.pause)])
+            if decision.resume:
+                consumer.resume([TopicPartition(t, p) for t, p in sorted(decision.resume)])
+        except KafkaException as exc:
+            # A partition that is going away with a rebalance the next consume serves; the
+            # rebalance forgets its alignment state.
+            log.info("alignment: pause/resume failed", service=self._service, error=str(exc))
         if decision.pause or decision.resume:
             self._metrics.alignment(len(alignment.paused), len(decision.pause))
             log.debug("alignment", service=self._service, paused=sorted(decision.pause),
