@@ -13,6 +13,12 @@ under the configured guarantee (exactly-once by default), each time with a fresh
 The pair runs `--rounds` times alternately (default once). Reports records/s of each (first record
 consumed -> last record consumed, mean over rounds) and their ratio. All topics are uuid-named and
 deleted at the end. Needs the local stack (`.stack/env`). The common part is `dptools.benchkit`.
+
+    uv run python -m dptools.bench_normalization --records 30000 --transform-only
+
+measures the service's processor alone (no Kafka, no stack needed): `process` and `before_commit`
+over the same records in 2000-record batches, `--rounds` times with a fresh processor each time;
+reports the CPU µs per record of each round (`time.process_time`) and the best.
 """
 
 from __future__ import annotations
@@ -20,12 +26,15 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import time
 from collections.abc import Iterator
 from typing import Any
 
 from dataproc_shared.config import load_settings
 from dataproc_shared.metrics import ServiceMetrics
 from dataproc_shared.partitioning import instrument_key, partition_for
+from dataproc_shared.records import InRecord
+from dataproc_shared.state import ChangelogStore
 from normalization.app import NormalizationProcessor
 from normalization.settings import NormalizationSettings
 
@@ -86,10 +95,41 @@ async def bench(count: int, partitions: int, rounds: int = 1) -> dict[str, Any]:
         }
 
 
+def transform_cost(count: int, partitions: int, rounds: int, batch_size: int = 2000) -> dict[str, Any]:
+    """CPU µs per record of the processor's `process` + `before_commit`, without Kafka (see docstring)."""
+    settings = load_settings(NormalizationSettings)
+    raw = settings.topics.raw
+    records = sorted(
+        (InRecord(raw, partition_for(key, partitions), n, key, value, 1_763_908_200_000 + n)
+         for n, (key, value) in enumerate(raw_ticks(count))),
+        key=lambda rec: rec.partition,
+    )
+    batches = [records[i:i + batch_size] for i in range(0, len(records), batch_size)]
+
+    async def one_round() -> float:
+        store = ChangelogStore(topic="bench-dedup", kafka_config={}, codec="bytes")
+        processor = NormalizationProcessor(settings, store=store)
+        started = time.process_time()
+        for batch in batches:
+            await processor.process(batch)
+            await processor.before_commit()
+        return (time.process_time() - started) / count * 1e6
+
+    runs = [round(asyncio.run(one_round()), 2) for _ in range(rounds)]
+    return {"records": count, "batch_size": batch_size, "transform_cpu_us_per_record": runs,
+            "best": min(runs), **benchkit.machine()}
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command line."""
-    args = benchkit.cli(__doc__, default_records=100_000, default_rounds=1).parse_args(argv)
+    parser = benchkit.cli(__doc__, default_records=100_000, default_rounds=1)
+    parser.add_argument("--transform-only", action="store_true",
+                        help="the processor alone, no Kafka: CPU µs per record")
+    args = parser.parse_args(argv)
     partitions = args.partitions or load_settings(NormalizationSettings).topics.partitions
+    if args.transform_only:
+        benchkit.emit(transform_cost(args.records, partitions, max(1, args.rounds)), args.out)
+        return 0
     result = asyncio.run(bench(args.records, partitions, max(1, args.rounds)))
     benchkit.emit(result, args.out)
     return 0
