@@ -140,7 +140,7 @@ KEEPALIVE_MAX_S = 30.0
 #: How often a retriable error is retried before the cycle is aborted.
 RETRIES = 5
 #: Rewinds to the committed offsets tried after a rolled-back cycle before the loop gives up.
-REWIND_ATTEMPTS = 10
+REWIND_ATTEMPTS = 3
 
 _FENCED_CODES = frozenset({KafkaError._FENCED, KafkaError.PRODUCER_FENCED, KafkaError.INVALID_PRODUCER_EPOCH})
 
