@@ -200,18 +200,21 @@ def run_relay_chain(bootstrap: str, raw: str, n: int, run_id: str, base_env: dic
     hops = [raw] + [f"bench-{run_id}-relay{i}" for i in range(1, 5)]
     create_topics(admin, hops[1:], partitions, set())
     procs: list[tuple[Stage, subprocess.Popen[bytes]]] = []
+    cpu0: dict[str, float] = {}
     try:
-        for i in range(4):
+        # last hop first: each relay is ready (and its CPU sampled) before anything reaches it, and
+        # the first relay, which starts the drain, starts last
+        for i in reversed(range(4)):
             port = free_port()
             env = dict(base_env, DATA_PROC_HTTP__PORT=str(port),
                        DATA_PROC_INSTANCE_ID=f"{run_id}-relay{i + 1}",
                        DATA_PROC_KAFKA__GROUP_ID=f"bench-{run_id}-relay{i + 1}")
             proc = start_process([sys.executable, "-m", "dptools.relay", hops[i], hops[i + 1]], env,
                                  log_dir / f"relay{i + 1}.log")
-            procs.append((Stage(f"relay{i + 1}", proc.pid, f"http://127.0.0.1:{port}/metrics"), proc))
-        for stage, proc in procs:
-            wait_ready(int(stage.metrics_url.split(":")[2].split("/")[0]), proc)
-        cpu0 = {s.name: cpu_seconds(s.pid) for s, _ in procs}
+            stage = Stage(f"relay{i + 1}", proc.pid, f"http://127.0.0.1:{port}/metrics")
+            procs.insert(0, (stage, proc))
+            wait_ready(port, proc)
+            cpu0[stage.name] = cpu_seconds(stage.pid)
         tl = watch(lambda: metric(scrape(procs[0][0].metrics_url), "dp_messages_in_total"),
                    lambda: metric(scrape(procs[-1][0].metrics_url), "dp_messages_out_total",
                                   topic=hops[-1]) >= n,
@@ -372,13 +375,17 @@ def main(argv: list[str] | None = None) -> int:
     base["DATA_PROC_PROJECTION__UPDATES_CHANNEL"] = channel
     listener = UpdateListener(redis_url, channel, lateness_ms)
     try:
-        for s in SERVICES:
+        # downstream first, normalization (which starts the drain) last; each service's CPU is
+        # sampled when it is ready, so no service drains part of the backlog before its sample
+        pids: dict[str, int] = {}
+        cpu0 = {}
+        for s in reversed(SERVICES):
             pipe.start(s, {"DATA_PROC_KAFKA__GROUP_ID": f"bench-{run_id}-{s}",
                            "DATA_PROC_INSTANCE_ID": f"bench-{run_id}-{s}"})
-        for s in SERVICES:
             pipe.wait_ready(s, 180)
-        pids = {s: pipe.pid(s) or 0 for s in SERVICES}
-        cpu0 = {s: cpu_seconds(p) for s, p in pids.items()}
+            pids[s] = pipe.pid(s) or 0
+            cpu0[s] = cpu_seconds(pids[s])
+        pids = {s: pids[s] for s in SERVICES}
         print("drain mode ...", flush=True)
 
         def url(s: str) -> str:
