@@ -10,13 +10,18 @@ from __future__ import annotations
 
 from typing import Any
 
+from dataproc_shared import avro
+from dataproc_shared.records import InRecord
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from projection.transform import (
     BadInput,
+    InputTopics,
     PendingWrites,
     bar_from_record,
     bar_writes,
+    field_decoder,
+    project_records,
     tick_from_record,
     tick_writes,
 )
@@ -117,3 +122,29 @@ def test_a_superseded_tick_is_never_built() -> None:
     [write] = pending.writes()
     assert dict(write.fields)["trade_price"] == "2.0"
     assert pending.added == 2
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.one_of(st.tuples(st.just("tick"), tick_records()),
+                          st.tuples(st.just("bar"), bar_records())), max_size=30),
+       st.integers(0, 10))
+def test_field_decoder_projects_what_the_full_decoder_does(records: list[tuple[str, dict[str, Any]]],
+                                                           cut: int) -> None:
+    """The service's decoder (only the fields the projection reads) against `avro.decode`."""
+    topics = InputTopics(ticks="t", bars="b")
+    batch = []
+    for offset, (kind, record) in enumerate(records):
+        schema = "enriched_tick" if kind == "tick" else "bar"
+        try:
+            value = avro.encode(schema, record)
+        except avro.EncodeError:
+            continue  # a field the decoder would never produce
+        if offset == cut:
+            value = value[:-3]  # one undecodable message
+        batch.append(InRecord("t" if kind == "tick" else "b", 0, offset, b"k", value, 0))
+    full, fields = PendingWrites(), PendingWrites()
+    dead_full = project_records(batch, topics, avro.decode, full)
+    dead_fields = project_records(batch, topics, field_decoder(avro.default_registry()), fields)
+    assert fields.writes() == full.writes()
+    assert [(d.source.offset, d.reason) for d in dead_fields] == [
+        (d.source.offset, d.reason) for d in dead_full]

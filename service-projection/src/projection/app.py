@@ -25,7 +25,14 @@ from redis.exceptions import RedisError
 
 from projection.redis_sink import RedisProjectionSink, WriteOutcome, redis_client
 from projection.settings import ProjectionOptions, ProjectionSettings
-from projection.transform import InputTopics, KeyType, PendingWrites, ProjectionError, project_records
+from projection.transform import (
+    InputTopics,
+    KeyType,
+    PendingWrites,
+    ProjectionError,
+    field_decoder,
+    project_records,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -122,6 +129,7 @@ class ProjectionProcessor:
         self._sleep = sleep
         self._monotonic = monotonic
         self._pending = PendingWrites()
+        self._decode = field_decoder(avro.default_registry())
         self._next_ping = 0.0
         #: Flushes done, and wall seconds spent decoding (`process`) and writing to Redis (`before_commit`).
         self.flushes = 0
@@ -159,7 +167,7 @@ class ProjectionProcessor:
     async def process(self, batch: list[InRecord]) -> BatchResult:
         """Decode the batch into pending Redis writes; undecodable or unusable records are dead letters."""
         started = time.perf_counter()
-        dead = project_records(batch, self._topics, avro.decode, self._pending, self._opts.max_final_bars)
+        dead = project_records(batch, self._topics, self._decode, self._pending, self._opts.max_final_bars)
         self.process_seconds += time.perf_counter() - started
         return BatchResult(dead_letters=dead)
 

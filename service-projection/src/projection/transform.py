@@ -31,10 +31,13 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any, TypeGuard
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 import orjson
 from dataproc_shared.records import DeadLetter, DeadLetterReason, InRecord
+
+if TYPE_CHECKING:
+    from dataproc_shared.avro import SchemaRegistry
 
 #: Channel that announces every applied change.
 UPDATES_CHANNEL = "md:updates"
@@ -626,6 +629,26 @@ class InputTopics:
 
 TICK_SCHEMA = "enriched_tick"
 BAR_SCHEMA = "bar"
+#: The fields of each input schema that `tick_from_record` / `bar_from_record` read.
+TICK_FIELDS = ("instrument_id", "venue", "symbol", "currency", "kind", "ts_ns", "seq", "trade_id", "price",
+               "size", "bid", "ask", "bid_size", "ask_size")
+BAR_FIELDS = ("instrument_id", "venue", "symbol", "currency", "interval", "window_start_ms", "window_end_ms",
+              "open", "high", "low", "close", "volume", "vwap", "trade_count", "is_final", "version",
+              "first_ts_ns", "last_ts_ns")
+
+
+def field_decoder(registry: SchemaRegistry) -> Decoder:
+    """A `Decoder` that checks each message in full but builds only `TICK_FIELDS` / `BAR_FIELDS`.
+
+    Messages of other writer versions are decoded in full (`SchemaRegistry.field_reader`).
+    """
+    readers = {TICK_SCHEMA: registry.field_reader(TICK_SCHEMA, TICK_FIELDS),
+               BAR_SCHEMA: registry.field_reader(BAR_SCHEMA, BAR_FIELDS)}
+
+    def decode(value: bytes, schema: str) -> Mapping[str, Any]:
+        return readers[schema](value)
+
+    return decode
 
 
 def project_records(
