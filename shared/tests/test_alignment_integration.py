@@ -89,7 +89,8 @@ def _produce_backlog(bootstrap: str, topic: str) -> None:
 def _settings(bootstrap: str, align_ms: int) -> Settings:
     return load_settings(service="aligntest", instance_id=uuid.uuid4().hex[:8], kafka_bootstrap=bootstrap,
                          kafka={"group_id": f"align-{uuid.uuid4().hex}"},
-                         loop={"batch_size": 20, "batch_timeout_ms": 50, "align_max_ahead_ms": align_ms})
+                         loop={"batch_size": 20, "batch_timeout_ms": 50, "align_max_ahead_ms": align_ms,
+                               "align_max_pause_ms": 10_000})
 
 
 async def _drain(settings: Settings, processor: MergingProcessor, source: str,
@@ -177,6 +178,7 @@ async def test_alignment_keeps_exactly_once_when_a_second_instance_joins_and_lea
         return load_settings(service="aligntest", instance_id=uuid.uuid4().hex[:8],
                              kafka_bootstrap=kafka_bootstrap, kafka={"group_id": group},
                              loop={"batch_size": 20, "batch_timeout_ms": 50, "align_max_ahead_ms": BOUND_MS,
+                                   "align_max_pause_ms": 10_000,
                                    "session_timeout_ms": 6_000})
 
     first = KafkaLoop(settings(), MergingProcessor(sink), input_topics=[source],

@@ -205,7 +205,7 @@ class LoopOptions(BaseModel):
     #: allowed lateness (5 s): a partition can overshoot it by how far one batch advances it.
     align_max_ahead_ms: int = Field(default=1_000, ge=0, le=3_600_000)
     #: Longest pause by the alignment before the partition is let through once (starvation guard).
-    align_max_pause_ms: int = Field(default=10_000, ge=100, le=3_600_000)
+    align_max_pause_ms: int = Field(default=500, ge=100, le=3_600_000)
     #: An open transaction on a needed partition (input, changelog) whose producer wrote nothing for
     #: this long is *hanging* and gets its missing marker (`dataproc_shared.kafka.hanging`). Unset:
     #: the brokers' `transaction.max.timeout.ms`, the longest any transaction may stay open. Set it
