@@ -180,3 +180,15 @@ def test_raw_inputs_get_both_tracing_headers_and_keep_processor_headers() -> Non
     assert (plain.topic, plain.key, plain.value, plain.partition, plain.source) == ("out", b"A", b"1", 4, src)
     assert plain.headers == ((CORRELATION_HEADER, b"in-3-9"), (INGEST_TIME_HEADER, b"2000000"))
     assert own.headers == (("x", b"y"), (CORRELATION_HEADER, b"in-3-9"), (INGEST_TIME_HEADER, b"2000000"))
+
+
+def test_older_epochs_are_looked_for_on_every_topic_the_service_may_write() -> None:
+    settings = load_settings(service="normalization", kafka_bootstrap="127.0.0.1:1")
+    lp = KafkaLoop(settings, PassthroughProcessor("out"), input_topics=[settings.topics.raw],
+                   metrics=ServiceMetrics("normalization"))
+    lp._topic_bytes("out")  # a topic produced to in this process
+    t = settings.topics
+    topics = lp._output_topics()
+    assert {t.normalized, t.deadletter, t.normalization_dedup_changelog, "out"} <= set(topics)
+    assert t.raw not in topics
+    assert t.aggregation_windows_changelog not in topics

@@ -44,3 +44,17 @@ def test_decision_is_the_one_recorded_after_the_partition_was_listed() -> None:
     assert txnlog.decide(aborted, 7, 1, "out", 0) == "abort"
     assert txnlog.decide(committed, 7, 1, "other", 0) == "abort"  # never part of a transaction
     assert txnlog.decide([TxnState(7, 1, 1, p)], 7, 1, "out", 0) is None  # still undecided
+
+
+def test_an_epoch_lost_by_its_coordinator_is_never_committed_by_a_later_epoch() -> None:
+    p = frozenset({("dl", 0)})
+    # epoch 0 listed the partition; the coordinator lost it (re-initialised: Empty, epoch 1), then
+    # epoch 1 committed a transaction of its own: that decision is not epoch 0's
+    lost = [TxnState(7, 0, 1, p), TxnState(7, 1, 0, frozenset()), TxnState(7, 1, 1, p),
+            TxnState(7, 1, 2, p), TxnState(7, 1, 4, frozenset())]
+    assert txnlog.decide(lost, 7, 0, "dl", 0) == "abort"
+    # a later transaction of the same epoch began with no decision recorded for this one
+    assert txnlog.decide([TxnState(7, 0, 1, p), TxnState(7, 0, 1, frozenset({("x", 1)}))],
+                         7, 0, "dl", 0) == "abort"
+    # a commit of the epoch (or of its bumped epoch under transaction.version 2) is this one's
+    assert txnlog.decide([TxnState(7, 0, 1, p), TxnState(7, 1, 2, p)], 7, 0, "dl", 0) == "commit"

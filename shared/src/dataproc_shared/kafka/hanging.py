@@ -25,6 +25,10 @@ never reached one partition. Kafka's own remedy is an operator running
    that verifies transactional writes (`transaction.partition.verification.enable`, KIP-890
    part 1) -> commit, anything else -> abort, as `kafka-transactions.sh abort` would.
 
+A replacement producer (same transactional id, new epoch) must not write to a partition where an
+older epoch of its producer id left a transaction open: its first marker there would close the old
+records as well. `resolve_older_epochs` closes those first, with no age threshold (finding 8).
+
 Every resolution is logged (`hanging transaction resolved`), counted in
 `dp_hanging_transactions_total{action}` and kept in `last` for the health report.
 """
@@ -32,7 +36,7 @@ Every resolution is logged (`hanging transaction resolved`), counted in
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -268,6 +272,94 @@ class HangingTransactionResolver:
         if meta is None or not meta.partitions:
             return []
         return self.resolve(OFFSETS_TOPIC, [txnlog.partition_for(group_id, len(meta.partitions))])
+
+    def resolve_older_epochs(self, transactional_id: str, topics: Collection[str]
+                             ) -> list[HangingTransaction]:
+        """Close open transactions of older epochs of `transactional_id`'s producer on `topics`.
+
+        Called right after `init_transactions` of a (replacement) producer, before it produces:
+        a transaction of an older epoch of the same producer id can no longer complete, and the
+        first marker the new epoch writes to such a partition would close the old records with
+        it - as committed, whatever the coordinator had decided for them (`docs/reliability.md`,
+        finding 8). Every partition of the existing `topics` is checked, with no age threshold:
+        one `DescribeTransactions` (the producer id and current epoch, from the coordinator) and
+        one `DescribeProducers` per leader broker; the marker is the one the coordinator's log
+        decided for that epoch (`kafka.txnlog`: COMMIT if it had completed the epoch's commit,
+        ABORT otherwise, also when the log cannot tell). Blocking (run it in a thread).
+        """
+        if not self.supported or not topics:
+            return []
+        started = time.monotonic()
+        md = self._admin_client().list_topics(timeout=self._timeout_s)
+        brokers = {b.id: (str(b.host), int(b.port)) for b in md.brokers.values()}
+        by_leader: dict[int, dict[str, list[int]]] = {}
+        for topic in sorted(set(topics)):
+            meta = md.topics.get(topic)
+            if meta is None or meta.error is not None:
+                continue
+            for p, pm in meta.partitions.items():
+                if pm.leader >= 0 and pm.leader in brokers:
+                    by_leader.setdefault(pm.leader, {}).setdefault(topic, []).append(p)
+        current = None
+        for address in brokers.values():
+            with self._connect(address) as conn:
+                current = wire.describe_transaction(conn, transactional_id)
+            if current is not None:
+                break
+        if current is None:
+            log.info("older producer epochs not checked: transactional id unknown to the coordinators",
+                     transactional_id=transactional_id)
+            return []
+        producer_id, epoch = current
+        candidates: list[tuple[int, str, int, wire.ActiveProducer]] = []
+        for leader, parts in by_leader.items():
+            with self._connect(brokers[leader]) as conn:
+                found, errors = wire.describe_producers_many(conn, parts)
+            for (topic, p), (code, message) in errors.items():
+                log.info("older producer epochs not checked on a partition", topic=topic, partition=p,
+                         error_code=code, error=message)
+            for (topic, p), producers in found.items():
+                candidates.extend((leader, topic, p, prod) for prod in producers
+                                  if prod.producer_id == producer_id and prod.producer_epoch < epoch
+                                  and prod.current_txn_start_offset >= 0)
+        log.info("older producer epochs checked", transactional_id=transactional_id,
+                 producer_id=producer_id, producer_epoch=epoch,
+                 partitions=sum(len(ps) for parts in by_leader.values() for ps in parts.values()),
+                 open=len(candidates), ms=round((time.monotonic() - started) * 1000, 1))
+        if not candidates:
+            return []
+        try:
+            states = txnlog.history(self._admin_client(), self._config, transactional_id,
+                                    timeout_s=self._timeout_s)
+        except Exception as exc:
+            log.info("transaction log not readable", transactional_id=transactional_id, error=str(exc))
+            states = []
+        now_ms = self._clock() * 1000
+        resolved = []
+        for leader, topic, p, prod in candidates:
+            decided = (txnlog.decide(states, prod.producer_id, prod.producer_epoch, topic, p)
+                       if states else None)
+            action: Action = "commit" if decided == "commit" else "abort"
+            error = None
+            try:
+                with self._connect(brokers[leader]) as conn:
+                    wire.write_marker(conn, topic, p, prod, commit=action == "commit")
+            except (OSError, wire.WireError) as exc:
+                action, error = "failed", str(exc)
+            age_s = round((now_ms - prod.last_timestamp_ms) / 1000, 1)
+            txn = HangingTransaction(topic, p, prod.producer_id, prod.producer_epoch,
+                                     prod.current_txn_start_offset, age_s,
+                                     f"epoch {epoch} initialised", action, error)
+            resolved.append(txn)
+            log.warning("older producer epoch's transaction resolved" if error is None
+                        else "older producer epoch's transaction not resolved",
+                        transactional_id=transactional_id, topic=topic, partition=p,
+                        producer_id=prod.producer_id, producer_epoch=prod.producer_epoch,
+                        current_epoch=epoch, offset=prod.current_txn_start_offset, open_s=age_s,
+                        logged_decision=decided or "none", action=action, error=error)
+            if self._metrics is not None:
+                self._metrics.record_hanging_transaction(action)
+        return resolved
 
     def _coordinator_states(self, brokers: dict[int, tuple[str, int]], producer_ids: list[int]
                             ) -> dict[int, wire.TransactionListing]:

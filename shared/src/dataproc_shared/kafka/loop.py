@@ -36,6 +36,11 @@ a broker restart (confluentinc/librdkafka#5456). A call past its deadline counts
 producer is abandoned where it blocks (kept referenced, never touched again), a new one with the
 same `transactional.id` is created - its `init_transactions` fences the old one and aborts its open
 transaction - and the cycle is redone. The loop keeps its liveness heartbeat while it waits.
+A transaction the coordinator had lost (a broker restart) is not aborted by that `init_transactions`:
+after every `init_transactions` (start-up included) and before the new epoch produces, the loop
+closes any transaction of an older epoch of its producer id still open on a partition it may
+write to (`HangingTransactionResolver.resolve_older_epochs`, no age threshold) - otherwise the new
+epoch's first marker there would close the old records too (`docs/reliability.md`, finding 8).
 
 Hanging transactions (exactly-once only): every `loop.hanging_check_interval_s` the assigned input
 partitions are checked for a transaction left open by a broker restart (`kafka.hanging`): found ones
@@ -130,6 +135,8 @@ PRODUCER_RESTART_WINDOW_S = 300.0
 LAG_INTERVAL_S = 10.0
 #: Timeout of one blocking transactional call before it is retried (librdkafka needs a finite one).
 TXN_CALL_TIMEOUT_S = 30.0
+#: Attempts at closing older producer epochs' transactions after `init_transactions`.
+OLDER_EPOCH_CHECK_ATTEMPTS = 3
 #: A transactional call still blocked this long after it started is abandoned with its producer.
 TXN_CALL_DEADLINE_S = TXN_CALL_TIMEOUT_S + 15.0
 #: Longest wait for the committed offset of a partition not consumed yet (event-time alignment);
@@ -366,7 +373,42 @@ class KafkaLoop:
         if self._exactly_once:
             self._retry(lambda: producer.init_transactions(TXN_CALL_TIMEOUT_S), "init_transactions",
                         deadline=True)
+            self._close_older_epochs()
         return producer
+
+    def _output_topics(self) -> list[str]:
+        """Every topic this service may write to in a transaction (known up front or seen so far).
+
+        The chain topics after the inputs, dead letters, the audit topic, the service's configured
+        changelogs and any topic produced to in this process. Partitions that no producer of ours
+        ever wrote to cost nothing but a line in one `DescribeProducers` request.
+        """
+        t = self._settings.topics
+        topics = {t.normalized, t.enriched, t.bars, self._deadletter_topic, *self._topic_names}
+        if self._audit is not None and self._audit.kafka_topic:
+            topics.add(self._audit.kafka_topic)
+        for name in type(t).model_fields:
+            value = getattr(t, name)
+            own = name.startswith(f"{self._service}_") and name.endswith("_changelog")
+            if own and isinstance(value, str):
+                topics.add(value)
+        return sorted(topics - set(self._topics))
+
+    def _close_older_epochs(self) -> None:
+        """Resolve transactions left open by older epochs of this producer id (finding 8).
+
+        Runs after every `init_transactions` (start, replacement after an abandoned or failed
+        producer), before the new epoch produces; a failed check is retried, then logged.
+        """
+        for attempt in range(1, OLDER_EPOCH_CHECK_ATTEMPTS + 1):
+            try:
+                self._hanging.resolve_older_epochs(self._transactional_id, self._output_topics())
+                return
+            except Exception as exc:
+                log.warning("older producer epochs not checked", service=self._service,
+                            transactional_id=self._transactional_id, error=str(exc), attempt=attempt)
+                if attempt < OLDER_EPOCH_CHECK_ATTEMPTS:
+                    time.sleep(1.0 * attempt)
 
     def _cb_consumer_error(self, err: KafkaError) -> None:
         # librdkafka hands a fatal consumer error (e.g. fenced by a consumer with the same

@@ -5,9 +5,11 @@ re-initialised (new epoch), the coordinator's current state no longer tells. Its
 state change of a transactional id is a record keyed by the id (`TransactionLogKey`), valued with
 the producer id and epoch, the status and the partitions of the transaction (`TransactionLogValue`
 v0, or v1 with flexible encoding). `decision` finds the last state of the producer epoch that
-listed the partition and the decision recorded from there on: `PrepareCommit`/`CompleteCommit` ->
-commit; `PrepareAbort`/`CompleteAbort`/`PrepareEpochFence` -> abort; no state listing the partition
--> abort (the coordinator never knew these records).
+listed the partition and the decision recorded from there on: `PrepareCommit`/`CompleteCommit` of
+that producer epoch -> commit; `PrepareAbort`/`CompleteAbort`/`PrepareEpochFence` -> abort; a later
+`Empty`/`Ongoing` state before any decision (the producer was re-initialised, or a new transaction
+began: the coordinator had lost this one) -> abort; no state listing the partition -> abort (the
+coordinator never knew these records).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from dataproc_shared.kafka.wire import Reader
 TOPIC = "__transaction_state"
 _COMMIT = {2, 4}  # PrepareCommit, CompleteCommit
 _ABORT = {3, 5, 7}  # PrepareAbort, CompleteAbort, PrepareEpochFence
+_NEW_SESSION = {0, 1}  # Empty, Ongoing
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,10 +132,15 @@ def decide(states: list[TxnState], producer_id: int, producer_epoch: int, topic:
             last = i
     if last is None:
         return "abort"
-    for st in states[last:]:
-        if st.status in _COMMIT:
-            return "commit"
+    for i, st in enumerate(states[last:]):
+        if st.status in _COMMIT and st.producer_id == producer_id \
+                and st.producer_epoch in (producer_epoch, producer_epoch + 1):
+            return "commit"  # epoch + 1: a transaction.version 2 commit bumps the epoch
         if st.status in _ABORT:
+            return "abort"
+        if i > 0 and st.status in _NEW_SESSION:
+            # a later transaction or a re-initialised producer began before any decision: the
+            # coordinator had lost this one, it can never commit
             return "abort"
     return None
 

@@ -26,6 +26,7 @@ import socket
 import ssl
 import struct
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from dataproc_shared.errors import DataProcError
@@ -314,12 +315,29 @@ class ActiveProducer:
 def describe_producers(conn: Connection, topic: str, partitions: list[int]
                        ) -> dict[int, list[ActiveProducer]]:
     """Active producers per partition of `topic` (the connection must be to the partitions' leader)."""
-    topic_req = compact_str(topic) + compact_array([struct.pack(">i", p) for p in partitions]) + TAGS
-    r = conn.request(API_DESCRIBE_PRODUCERS, compact_array([topic_req]) + TAGS)
+    found, errors = describe_producers_many(conn, {topic: partitions})
+    if errors:
+        (t, partition), (error, message) = next(iter(errors.items()))
+        raise WireError(f"DescribeProducers {t}[{partition}]: error code {error} {message or ''}")
+    return {p: producers for (_t, p), producers in found.items()}
+
+
+def describe_producers_many(conn: Connection, partitions: Mapping[str, list[int]]
+                            ) -> tuple[dict[tuple[str, int], list[ActiveProducer]],
+                                       dict[tuple[str, int], tuple[int, str | None]]]:
+    """Active producers of several topics' partitions in one request (all led by `conn`'s broker).
+
+    Returns the producers per (topic, partition) and, apart, the partitions the broker answered
+    with an error (error code, message).
+    """
+    topic_reqs = [compact_str(topic) + compact_array([struct.pack(">i", p) for p in parts]) + TAGS
+                  for topic, parts in partitions.items() if parts]
+    r = conn.request(API_DESCRIBE_PRODUCERS, compact_array(topic_reqs) + TAGS)
     r.int32()  # throttle
-    out: dict[int, list[ActiveProducer]] = {}
+    out: dict[tuple[str, int], list[ActiveProducer]] = {}
+    errors: dict[tuple[str, int], tuple[int, str | None]] = {}
     for _ in range(r.compact_len()):
-        r.compact_str()
+        topic = r.compact_str() or ""
         for _ in range(r.compact_len()):
             partition, error = r.int32(), r.int16()
             message = r.compact_str()
@@ -332,10 +350,11 @@ def describe_producers(conn: Connection, topic: str, partitions: list[int]
                 r.skip_tags()
             r.skip_tags()
             if error:
-                raise WireError(f"DescribeProducers {topic}[{partition}]: error code {error} {message or ''}")
-            out[partition] = producers
+                errors[(topic, partition)] = (error, message)
+            else:
+                out[(topic, partition)] = producers
         r.skip_tags()
-    return out
+    return out, errors
 
 
 @dataclass(frozen=True, slots=True)
