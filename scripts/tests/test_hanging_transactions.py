@@ -29,7 +29,7 @@ from confluent_kafka.admin import (  # type: ignore[attr-defined]
     NewTopic,
 )
 from dataproc_shared.kafka import wire
-from dataproc_shared.kafka.hanging import HangingTransactionResolver
+from dataproc_shared.kafka.hanging import HangingTransaction, HangingTransactionResolver
 from dataproc_shared.metrics import ServiceMetrics
 from dataproc_shared.state import ChangelogStore
 from dptools.privstack import PrivateStack
@@ -226,3 +226,69 @@ def test_transaction_in_progress_at_its_coordinator_is_left_alone(stack: Private
     consumer.commit(offsets=[TopicPartition(topic, 0, 1)], asynchronous=False)
     consumer.close()
     assert resolver.resolve_group("hang-group") == []
+
+
+def _old_epoch_left_open(bootstrap: str, topic: str, txn_id: str) -> int:
+    """An epoch-0 transactional record on `topic[0]` that its coordinator lost (state `Empty`).
+
+    What an abandoned producer leaves after a broker stop (finding 8): its records reached the
+    partition, the coordinator does not know the transaction any more. Returns the producer id.
+    """
+    _verification(bootstrap, on=False)
+    try:
+        with _connect(bootstrap) as conn:
+            pid, epoch = wire.init_producer_id(conn, txn_id, 10_000)
+            assert epoch == 0
+            batch = wire.record_batch([(b"old", b'"old epoch"')], producer_id=pid, producer_epoch=epoch,
+                                      base_sequence=0, transactional=True,
+                                      timestamp_ms=int(time.time() * 1000))
+            wire.produce(conn, topic, 0, batch, transactional_id=txn_id)
+    finally:
+        _verification(bootstrap, on=True)
+    return pid
+
+
+def _new_epoch_commits(bootstrap: str, topic: str, txn_id: str,
+                       resolver: HangingTransactionResolver | None) -> list[HangingTransaction]:
+    """A new producer with the same transactional id commits one record on `topic[0]`.
+
+    With `resolver`, the loop's step after `init_transactions` runs first (older epochs closed).
+    """
+    producer = Producer({"bootstrap.servers": bootstrap, "transactional.id": txn_id,
+                         "transaction.timeout.ms": 10_000})
+    producer.init_transactions(30)
+    resolved = [] if resolver is None else resolver.resolve_older_epochs(txn_id, [topic, "no-such-topic"])
+    producer.begin_transaction()
+    producer.produce(topic, key=b"new", value=b'"new epoch"', partition=0)
+    producer.commit_transaction(30)
+    return resolved
+
+
+def test_a_new_epoch_commit_closes_an_older_epochs_lost_transaction(stack: PrivateStack) -> None:
+    """Finding 8: the first COMMIT marker of the new epoch makes the old epoch's records visible."""
+    bootstrap = stack.bootstrap
+    topic = _topic(bootstrap, 1)
+    txn_id = f"epoch-{uuid.uuid4().hex[:6]}"
+    _old_epoch_left_open(bootstrap, topic, txn_id)
+    assert _watermarks(bootstrap, topic, 0) == (0, 1)
+    assert _new_epoch_commits(bootstrap, topic, txn_id, None) == []
+    # the aborted-by-nobody record of epoch 0 is committed along with epoch 1's record
+    assert _committed_values(bootstrap, topic, 0) == [b'"old epoch"', b'"new epoch"']
+
+
+def test_older_epochs_transaction_is_aborted_before_the_new_epoch_writes(stack: PrivateStack) -> None:
+    bootstrap = stack.bootstrap
+    topic = _topic(bootstrap, 2)
+    txn_id = f"epoch-{uuid.uuid4().hex[:6]}"
+    pid = _old_epoch_left_open(bootstrap, topic, txn_id)
+    metrics = ServiceMetrics("test")
+    resolver = HangingTransactionResolver({"bootstrap.servers": bootstrap}, metrics=metrics)
+    [found] = _new_epoch_commits(bootstrap, topic, txn_id, resolver)
+    assert (found.topic, found.partition, found.producer_id, found.producer_epoch, found.action) == (
+        topic, 0, pid, 0, "abort")
+    assert _committed_values(bootstrap, topic, 0) == [b'"new epoch"']
+    lso, hw = _watermarks(bootstrap, topic, 0)
+    assert lso == hw == 4  # old record, abort marker, new record, commit marker
+    assert 'dp_hanging_transactions_total{action="abort",service="test"} 1.0' in metrics.render().decode()
+    # nothing of an older epoch open any more: a second check finds nothing
+    assert resolver.resolve_older_epochs(txn_id, [topic]) == []
