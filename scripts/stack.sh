@@ -219,7 +219,12 @@ kafka_up() {
         local cp="$KAFKA_LIBS/*"
         if [[ ! -f "$KAFKA_DIR/data/meta.properties" ]]; then
             local cluster_id
-            cluster_id="$(python3 -c 'import base64, uuid; print(base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("="))')"
+            # a random cluster id as Kafka makes them: never starting with "-", which the storage
+            # tool's argument parser would take for an option (1 id in 64 otherwise)
+            cluster_id="$(python3 -c 'import base64, uuid
+while (cid := base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")).startswith("-"):
+    pass
+print(cid)')"
             say "kafka: formatting storage (cluster id $cluster_id)"
             java -Xmx256m -cp "$cp" -Dlog4j2.configurationFile="$ROOT/scripts/kafka/log4j2.yaml" \
                 -Dkafka.logs.dir="$KAFKA_DIR/logs" \
