@@ -1,9 +1,15 @@
-"""`python -m aggregation` as a real process on the real broker and an embedded ClickHouse folder."""
+"""`python -m aggregation` as a real process on the real broker and an embedded ClickHouse folder.
+
+Also: start-up against a ClickHouse server that refuses connections (a real process), and a
+ClickHouse lost while running (`serve` in-process, the real engine behind a fault switch).
+"""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -17,10 +23,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aggregation.app import AggregationProcessor
+from aggregation.settings import AggregationSettings
+from aggregation.sink import BarSink
 from confluent_kafka import Producer
 from dataproc_shared import avro
+from dataproc_shared.clickhouse import ChdbClickHouse, ClickHouseError, QueryResult
+from dataproc_shared.config import kafka_common_config, load_settings
 from dataproc_shared.deadletter import decode_dead_letter
+from dataproc_shared.migrate import clickhouse_values, migrate_clickhouse
 from dataproc_shared.records import InRecord
+from dataproc_shared.service import ServiceContext, serve
+from dataproc_shared.state import ChangelogStore
 from dataproc_shared.testing import unique_name
 
 pytestmark = pytest.mark.integration
@@ -132,6 +146,13 @@ class Service:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(10)
+
+    def get_or_none(self, path: str) -> tuple[int, Any] | None:
+        """`get`, or None while nothing listens on the port yet."""
+        try:
+            return self.get(path)
+        except OSError:
+            return None
 
     def get(self, path: str) -> tuple[int, Any]:
         url = f"http://127.0.0.1:{self.env['DATA_PROC_HTTP__PORT']}{path}"
@@ -364,3 +385,150 @@ def test_kill_9_at_several_points_gives_identical_final_bars(
     status, body = service.get("/api/v1/bars?instrument=NGZ6.XNYM&interval=1m&limit=10000")
     want = {k[2]: v for k, v in expected.items() if k[0] == "NGZ6.XNYM" and k[1] == "1m"}
     assert {b["window_start_ms"]: {k: b[k] for k in want[b["window_start_ms"]]} for b in body["bars"]} == want
+
+
+def test_an_unreachable_clickhouse_server_at_start_is_waited_for(
+    setup: tuple[Service, Feed, dict[str, str]], consume_all: Callable[..., list[InRecord]],
+) -> None:
+    """Configured for a ClickHouse server on a port that refuses connections, the service waits.
+
+    It serves its health routes (unhealthy, `clickhouse` down naming the server, not ready, live),
+    retries with a doubling delay capped at `loop.startup_backoff_max_s`, consumes nothing
+    meanwhile, and a SIGTERM while it waits stops it cleanly.
+    """
+    service, feed, topics = setup
+    refused = free_port()  # nothing listens there: every connection is refused
+    service.env.update({"DATA_PROC_CLICKHOUSE_URL": f"http://127.0.0.1:{refused}",
+                        "DATA_PROC_LOOP__STARTUP_BACKOFF_MAX_S": "1", "DATA_PROC_LOG_LEVEL": "INFO"})
+    send_trades(feed, 30, BASE)
+    feed.flush()
+    service.start()
+    wait_until(lambda: service.get_or_none("/health") is not None, 60,
+               lambda: service.log_path.read_text()[-3000:])
+    # at least four attempts: 0.5 s, then 1 s apart (the cap)
+    wait_until(lambda: service.log_path.read_text().count("waiting for clickhouse") >= 4, 60,
+               lambda: service.log_path.read_text()[-3000:])
+    status, health = service.get("/health")
+    assert status == 503
+    assert health["status"] == "unhealthy"
+    clickhouse = health["dependencies"]["clickhouse"]
+    assert clickhouse["status"] == "down"
+    assert f"127.0.0.1:{refused}" in clickhouse["last_error"]
+    assert service.get("/ready")[0] == 503
+    assert service.get("/live")[0] == 200
+    log = service.log_path.read_text()
+    waits = [line for line in log.splitlines() if "waiting for clickhouse" in line]
+    attempts = [int(re.search(r"attempt=(\d+)", line).group(1)) for line in waits]  # type: ignore[union-attr]
+    delays = [float(re.search(r"retry_in_s=([\d.]+)", line).group(1)) for line in waits]  # type: ignore[union-attr]
+    assert attempts == list(range(1, len(waits) + 1))
+    assert delays[:3] == [0.5, 1.0, 1.0]
+    assert "service starting" not in log
+    assert bars_on_topic(consume_all, topics["bars"]) == []  # nothing consumed while it waits
+    assert service.proc is not None
+    service.proc.send_signal(signal.SIGTERM)
+    assert service.proc.wait(30) == 0
+    assert "service stopped while waiting for clickhouse" in service.log_path.read_text()
+
+
+class LosableClickHouse:
+    """A real embedded engine behind a switch: while `lost` is set every call fails like a lost server.
+
+    Fault injection in front of the real engine (the rows that do get through are stored by chDB).
+    """
+
+    backend = "chdb"
+
+    def __init__(self, inner: ChdbClickHouse) -> None:
+        self.inner = inner
+        self.lost = threading.Event()
+        self.refused = 0
+
+    def _gate(self) -> None:
+        if self.lost.is_set():
+            self.refused += 1
+            raise ClickHouseError("connection refused (server lost)")
+
+    def command(self, sql: str, parameters: Any = None) -> None:
+        self._gate()
+        self.inner.command(sql, parameters)
+
+    def query(self, sql: str, parameters: Any = None) -> QueryResult:
+        self._gate()
+        return self.inner.query(sql, parameters)
+
+    def insert(self, table: str, rows: Any, column_names: Any, dedup_token: str | None = None) -> int:
+        self._gate()
+        return self.inner.insert(table, rows, column_names, dedup_token)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+async def test_a_clickhouse_lost_while_running_rolls_cycles_back_and_loses_no_bar(
+    topic_factory: Callable[..., str], kafka_bootstrap: str, consume_all: Callable[..., list[InRecord]],
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every cycle whose bars cannot be inserted is rolled back (nothing reaches the bars topic) and
+    retried; once ClickHouse answers again the same final bars are on the topic and in `FINAL`."""
+    enriched = topic_factory("agg-in", partitions=2)
+    bars_topic = topic_factory("agg-bars", partitions=2)
+    monkeypatch.setenv("DATA_PROC_AUDIT_ENABLED", "false")
+    settings = load_settings(
+        AggregationSettings, service="aggregation", instance_id=unique_name("agg"),
+        kafka_bootstrap=kafka_bootstrap, clickhouse_url=str(tmp_path / "unused"),
+        http={"host": "127.0.0.1", "port": 0}, kafka={"group_id": unique_name("agg-group")},
+        loop={"tick_interval_ms": 200},
+        topics={"enriched": enriched, "bars": bars_topic, "deadletter": topic_factory("agg-dl", 1),
+                "aggregation_windows_changelog": topic_factory("agg-cl", 2, {"cleanup.policy": "compact"})},
+        aggregation={"intervals": "1m,5m", "allowed_lateness_ms": 2000, "idle_timeout_ms": 3_600_000,
+                     "update_interval_ms": 200},
+    )
+    engine = ChdbClickHouse(str(tmp_path / "chdb"))
+    migrate_clickhouse(engine, values=clickhouse_values())
+    client = LosableClickHouse(engine)
+    client.lost.set()
+
+    def factory(ctx: ServiceContext) -> AggregationProcessor:
+        store = ChangelogStore(topic=settings.topics.changelog("aggregation", "windows"),
+                               kafka_config=kafka_common_config(settings), codec="bytes")
+        return AggregationProcessor(config=settings.aggregation.window_config(), input_topic=enriched,
+                                    bars_topic=bars_topic, store=store,
+                                    sink=BarSink(client, ctx.metrics), metrics=ctx.metrics)
+
+    feed = Feed(kafka_bootstrap, enriched)
+    close_everything(feed, send_trades(feed, 120, BASE))
+    feed.flush()
+    expected = expected_finals(feed.trades)
+    stop = asyncio.Event()
+    task = asyncio.create_task(serve(settings, factory, input_topics=[enriched], stop=stop))
+    try:
+        deadline = time.monotonic() + 120
+        while client.refused < 4:  # four cycles in a row rolled back
+            assert not task.done(), task
+            assert time.monotonic() < deadline, client.refused
+            await asyncio.sleep(0.2)
+        assert await asyncio.to_thread(bars_on_topic, consume_all, bars_topic) == []
+        assert engine.query("SELECT count() FROM market_data.bars").scalar() == 0
+        client.lost.clear()
+        deadline = time.monotonic() + 120
+        while True:
+            bars = await asyncio.to_thread(bars_on_topic, consume_all, bars_topic)
+            if sum(1 for b in bars if b["is_final"]) >= len(expected):
+                break
+            assert not task.done(), task
+            assert time.monotonic() < deadline, f"{len(bars)} bars after the server came back"
+            await asyncio.sleep(1)
+        check_finals(bars, expected)
+        rows = engine.query(
+            "SELECT instrument_id, interval, toUnixTimestamp64Milli(window_start) AS ws, open, high, low, "
+            "close, volume, trade_count, version FROM market_data.bars FINAL WHERE is_final = 1").dicts()
+        assert len(rows) == len(expected)
+        for row in rows:
+            exp = expected[(row["instrument_id"], row["interval"], row["ws"])]
+            assert {k: row[k] for k in ("open", "high", "low", "close", "volume", "trade_count", "version")} \
+                == {k: exp[k] for k in ("open", "high", "low", "close", "volume", "trade_count", "version")}
+    finally:
+        stop.set()
+        code, timed_out = await asyncio.wait_for(task, 60)
+        engine.close()
+    assert (code, timed_out) == (0, False)

@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 import datetime as dt
+import socket
 from decimal import Decimal
 
 import pytest
-from dataproc_shared.clickhouse import ChdbClickHouse, ClickHouseError, QueryResult, chdb_path, connect
+from dataproc_shared.clickhouse import (
+    ChdbClickHouse,
+    ClickHouseError,
+    HttpClickHouse,
+    QueryResult,
+    chdb_path,
+    connect,
+)
 
 TABLE = """
 CREATE TABLE t.bars (k String, ts DateTime64(3, 'UTC'), v Float64, version UInt64)
@@ -119,3 +127,20 @@ async def test_async_callers_use_a_thread(client: ChdbClickHouse) -> None:
     results = await asyncio.gather(*(asyncio.to_thread(client.query, "SELECT count() FROM t.bars")
                                      for _ in range(4)))
     assert [r.scalar() for r in results] == [1, 1, 1, 1]
+
+
+def test_a_server_client_connects_on_first_use_and_retries_every_call() -> None:
+    """An unreachable server does not fail construction; each call fails naming the server, retried."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again below: connections to it are refused
+    c = connect(f"http://127.0.0.1:{port}", password="s3cret-pw")  # noqa: S106 - a test value
+    assert isinstance(c, HttpClickHouse)
+    assert c.backend == "http"
+    assert c.address == f"127.0.0.1:{port}"
+    for _ in range(2):
+        with pytest.raises(ClickHouseError) as err:
+            c.query("SELECT 1")
+        assert str(port) in str(err.value)
+        assert "s3cret-pw" not in str(err.value)
+    c.close()

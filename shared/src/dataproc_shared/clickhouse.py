@@ -123,17 +123,23 @@ def _token_literal(token: str) -> str:
 
 
 class HttpClickHouse:
-    """A ClickHouse server through clickhouse-connect."""
+    """A ClickHouse server through clickhouse-connect.
+
+    The connection is made on first use, not here: clickhouse-connect asks the server for its
+    version when a client is created, so an unreachable server would make construction fail. Each
+    call that finds no client tries to create one and raises `ClickHouseError` while the server does
+    not answer; the next call tries again. Once created, the client reconnects by itself (each call
+    is an HTTP request from a pool), so a server lost and back needs nothing more.
+    """
 
     backend = "http"
 
     def __init__(self, url: str, *, username: str = "default", password: str | None = None,
                  database: str | None = None, **options: Any) -> None:
-        import clickhouse_connect
-
         parts = urlsplit(url)
         self._lock = threading.Lock()
-        self._client = clickhouse_connect.get_client(
+        self._client: Any = None
+        self._options: dict[str, Any] = dict(
             host=parts.hostname or "localhost",
             port=parts.port or (8443 if parts.scheme == "https" else 8123),
             secure=parts.scheme == "https",
@@ -142,12 +148,22 @@ class HttpClickHouse:
             database=database or (parts.path.strip("/") or None),
             **options,
         )
+        #: `host:port` of the server (for messages; never the credentials).
+        self.address = f"{self._options['host']}:{self._options['port']}"
+
+    def _connected(self) -> Any:
+        """The clickhouse-connect client, created on first use (call with the lock held)."""
+        if self._client is None:
+            import clickhouse_connect
+
+            self._client = clickhouse_connect.get_client(**self._options)
+        return self._client
 
     def command(self, sql: str, parameters: Mapping[str, Any] | None = None) -> None:
         """Run a statement that returns no rows."""
         try:
             with self._lock:
-                self._client.command(sql, parameters=dict(parameters or {}))
+                self._connected().command(sql, parameters=dict(parameters or {}))
         except Exception as exc:
             raise ClickHouseError(str(exc)) from exc
 
@@ -155,7 +171,7 @@ class HttpClickHouse:
         """Run a SELECT."""
         try:
             with self._lock:
-                result = self._client.query(sql, parameters=dict(parameters or {}))
+                result = self._connected().query(sql, parameters=dict(parameters or {}))
         except Exception as exc:
             raise ClickHouseError(str(exc)) from exc
         return QueryResult(tuple(result.column_names), tuple(tuple(r) for r in result.result_rows))
@@ -169,15 +185,18 @@ class HttpClickHouse:
         database, _, name = table.rpartition(".")
         try:
             with self._lock:
-                self._client.insert(name, [list(r) for r in rows], column_names=list(column_names),
+                self._connected().insert(name, [list(r) for r in rows], column_names=list(column_names),
                                     database=database or None, settings=settings)
         except Exception as exc:
             raise ClickHouseError(str(exc)) from exc
         return len(rows)
 
     def close(self) -> None:
-        """Close the HTTP pool."""
-        self._client.close()
+        """Close the HTTP pool (if a client was created)."""
+        with self._lock:
+            client, self._client = self._client, None
+        if client is not None:
+            client.close()
 
 
 # ---- embedded engine (chDB) -----------------------------------------------------------------------

@@ -13,7 +13,9 @@ SIGTERM/SIGINT. Every resource sits in one `AsyncExitStack`, closed in reverse o
 `loop.startup_topic_wait_s`, the loop failed fatally or did not stop within `loop.shutdown_timeout_s`.
 
 Start-up never gives up on an unreachable broker (`wait_for_kafka`): it retries with backoff while a
-health server on the service's port reports `kafka` down (unhealthy, not ready, live).
+health server on the service's port reports `kafka` down (unhealthy, not ready, live). The owner of
+a ClickHouse *server* (`http(s)://`) waits for it the same way (`wait_for_clickhouse`, `clickhouse`
+down) before it builds its processor (migrations) and consumes anything.
 
 Audit sinks: `audit_sinks` from the settings, except that with an embedded ClickHouse
 (`DATA_PROC_CLICKHOUSE_URL` is a path) only the owner may open the engine, so every other service
@@ -49,7 +51,7 @@ from dataproc_shared.audit import (
     KafkaAuditSink,
     lifecycle_event,
 )
-from dataproc_shared.clickhouse import ClickHouseClient, connect
+from dataproc_shared.clickhouse import ClickHouseClient, ClickHouseError, connect
 from dataproc_shared.config import (
     Settings,
     consumer_config,
@@ -57,7 +59,7 @@ from dataproc_shared.config import (
     load_settings_or_exit,
     producer_config,
 )
-from dataproc_shared.health import HealthServer
+from dataproc_shared.health import HealthServer, sanitize_error
 from dataproc_shared.kafka.loop import KafkaLoop, LoopFatalError
 from dataproc_shared.logging import configure_logging
 from dataproc_shared.metrics import ServiceMetrics
@@ -171,6 +173,10 @@ async def serve(
         clickhouse = _open_clickhouse(settings, clickhouse_owner)
         if clickhouse is not None:
             stack.callback(clickhouse.close)
+            server_owner = clickhouse_owner and not settings.clickhouse_embedded
+            if server_owner and not await wait_for_clickhouse(settings, clickhouse, startup, stop):
+                log.info("service stopped while waiting for clickhouse")
+                return 0, False
             client = clickhouse
             health.add_check("clickhouse", lambda: asyncio.to_thread(client.query, "SELECT 1"),
                              critical=clickhouse_owner)
@@ -306,6 +312,39 @@ async def wait_for_kafka(
             await asyncio.wait_for(stop.wait(), delay)
         if stop.is_set():
             return None
+        delay = min(delay * 2, settings.loop.startup_backoff_max_s)
+
+
+async def wait_for_clickhouse(
+    settings: Settings, client: ClickHouseClient, health: StartupHealth, stop: asyncio.Event,
+) -> bool:
+    """Wait until the ClickHouse server answers `SELECT 1`; False if `stop` was set first.
+
+    Only the process that writes to ClickHouse (the owner) waits: it cannot do its job without the
+    server. Retried with exponential backoff (`STARTUP_BACKOFF_INITIAL_S`, doubled up to
+    `loop.startup_backoff_max_s`) for as long as it takes, like an unreachable broker; meanwhile
+    `health` reports the `clickhouse` dependency down with the reason (unhealthy, not ready, live).
+    """
+    delay = STARTUP_BACKOFF_INITIAL_S
+    attempts = 0
+    address = getattr(client, "address", "server")
+    while True:
+        attempts += 1
+        try:
+            await asyncio.to_thread(client.query, "SELECT 1")
+        except ClickHouseError as exc:
+            error = f"clickhouse unreachable ({address}): {exc}"
+        else:
+            if attempts > 1:
+                log.info("clickhouse reachable", attempts=attempts)
+            await health.report("clickhouse", True)
+            return True
+        await health.report("clickhouse", False, error)
+        log.warning("waiting for clickhouse", error=sanitize_error(error), attempt=attempts, retry_in_s=delay)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), delay)
+        if stop.is_set():
+            return False
         delay = min(delay * 2, settings.loop.startup_backoff_max_s)
 
 
