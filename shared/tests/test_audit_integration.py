@@ -138,3 +138,26 @@ async def test_kafka_sink_keeps_rows_whose_delivery_failed_for_the_next_write() 
     await emitter.flush()  # nothing new queued: the failed rows are tried again all the same
     assert sink.pending == 5
     sink.close()
+
+
+async def test_kafka_sink_counts_the_rows_it_drops_when_its_retry_buffer_is_full() -> None:
+    """Failed rows beyond `max_pending` are dropped, oldest first, and counted as a metric."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # closed again: nothing listens there
+    metrics = ServiceMetrics("svc")
+    sink = KafkaAuditSink({"bootstrap.servers": f"127.0.0.1:{port}", "message.timeout.ms": 300,
+                           "log_level": 0}, "audit", "svc", flush_timeout_s=5.0, max_pending=3,
+                          metrics=metrics)
+    emitter = AuditEmitter(service="svc", environment="local", sinks=[sink], kafka_topic="audit")
+    for i in range(5):
+        emitter.emit(AuditEvent(event_type="batch_committed", offset_from=i, offset_to=i))
+    await emitter.flush()
+    assert (sink.pending, sink.dropped) == (3, 2)
+    labels = {"service": "svc", "sink": "kafka"}
+    assert metrics.registry.get_sample_value("dp_audit_sink_dropped_total", labels) == 2
+    emitter.emit(AuditEvent(event_type="batch_committed", offset_from=5, offset_to=5))
+    await emitter.flush()  # 3 kept + 1 new fail again: 1 more dropped
+    assert (sink.pending, sink.dropped) == (3, 3)
+    assert metrics.registry.get_sample_value("dp_audit_sink_dropped_total", labels) == 3
+    sink.close()

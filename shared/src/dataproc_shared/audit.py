@@ -159,8 +159,12 @@ class KafkaAuditSink:
     name = "kafka"
 
     def __init__(self, producer_config: Mapping[str, Any], topic: str, service: str, *,
-                 flush_timeout_s: float = 10.0, max_pending: int = 10_000) -> None:
-        """`max_pending` bounds the rows kept for a new attempt (the oldest are dropped and counted)."""
+                 flush_timeout_s: float = 10.0, max_pending: int = 10_000,
+                 metrics: ServiceMetrics | None = None) -> None:
+        """`max_pending` bounds the rows kept for a new attempt (the oldest are dropped and counted).
+
+        Drops are counted in `dropped` and, with `metrics`, in `dp_audit_sink_dropped_total{sink="kafka"}`.
+        """
         conf = {k: v for k, v in producer_config.items() if not k.startswith("transaction")}
         self._producer = Producer(conf)
         self._topic = topic
@@ -168,6 +172,7 @@ class KafkaAuditSink:
         self._flush_timeout_s = flush_timeout_s
         self._max_pending = max_pending
         self._failed: list[AuditRow] = []
+        self._metrics = metrics
         self.dropped = 0
 
     @property
@@ -218,6 +223,10 @@ class KafkaAuditSink:
         if overflow > 0:
             del self._failed[:overflow]
             self.dropped += overflow
+            if self._metrics is not None:
+                self._metrics.child(self._metrics.audit_sink_dropped, sink=self.name).inc(overflow)
+            log.error("audit events dropped: delivery failed and the retry buffer is full",
+                      topic=self._topic, dropped=overflow, max_pending=self._max_pending)
 
     def close(self) -> None:
         """Flush what is left."""

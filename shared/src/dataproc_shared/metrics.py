@@ -78,6 +78,9 @@ class ServiceMetrics:
         self.audit_queue_depth = g("dp_audit_queue_depth", "Audit events waiting.")
         self.audit_dropped = c("dp_audit_dropped_total", "Audit events dropped because the queue was full.")
         self.audit_written = c("dp_audit_written_total", "Audit events written per sink.", ["sink"])
+        self.audit_sink_dropped = c(
+            "dp_audit_sink_dropped_total",
+            "Audit events a sink dropped: their delivery failed and its retry buffer was full.", ["sink"])
         self.dependency_up = g("dp_dependency_up", "1 when the dependency answers, else 0.", ["dependency"])
         self.loop_last_tick = g(
             "dp_loop_last_tick_timestamp_seconds", "Last time the processing loop ticked."

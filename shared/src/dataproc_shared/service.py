@@ -184,7 +184,7 @@ async def serve(
         audit = AuditEmitter(
             service=settings.service,
             environment=settings.env,
-            sinks=_audit_sinks(settings, clickhouse, clickhouse_owner),
+            sinks=_audit_sinks(settings, clickhouse, clickhouse_owner, metrics),
             metrics=metrics,
             queue_size=settings.audit_queue_size,
             flush_interval_ms=settings.audit_flush_interval_ms,
@@ -392,7 +392,8 @@ def audit_sink_names(settings: Settings, owner: bool) -> list[str]:
     return names
 
 
-def _audit_sinks(settings: Settings, clickhouse: ClickHouseClient | None, owner: bool) -> list[AuditSink]:
+def _audit_sinks(settings: Settings, clickhouse: ClickHouseClient | None, owner: bool,
+                 metrics: ServiceMetrics | None = None) -> list[AuditSink]:
     sinks: list[AuditSink] = []
     if not settings.audit_enabled_for():
         return sinks
@@ -401,7 +402,7 @@ def _audit_sinks(settings: Settings, clickhouse: ClickHouseClient | None, owner:
             sinks.append(ClickHouseAuditSink(clickhouse, f"{settings.clickhouse_database}.audit_events"))
         elif name == "kafka":
             sinks.append(KafkaAuditSink(producer_config(settings), settings.audit_kafka_topic,
-                                        settings.service))
+                                        settings.service, metrics=metrics))
     return sinks
 
 
