@@ -117,12 +117,12 @@ async def bench(count: int, partitions: int, instruments: int, rounds: int = 1, 
                          "deadletter": topics["deadletter"], "partitions": partitions}
             facts: dict[str, Any] = {}
 
-            async def relay(round_no: int) -> float:
+            async def relay(round_no: int) -> benchkit.Drained:
                 settings = benchkit.bench_settings(base, "relay", f"{run}-{round_no}", overrides)
                 return await benchkit.relay_drain(settings, topics["relay"], count, [topics["enriched"]],
                                                   until_stopped=True)
 
-            async def aggregation(round_no: int) -> float:
+            async def aggregation(round_no: int) -> benchkit.Drained:
                 settings = benchkit.bench_settings(
                     base, "aggregation", f"{run}-{round_no}",
                     {**overrides, "aggregation_windows_changelog": changelogs[f"changelog{round_no}"]})
@@ -141,7 +141,7 @@ async def bench(count: int, partitions: int, instruments: int, rounds: int = 1, 
                 def sample() -> None:
                     peak["open_windows"] = max(peak["open_windows"], processor.engine.open_windows())
 
-                seconds = await benchkit.drain(settings, processor, metrics, count, [topics["enriched"]],
+                drained = await benchkit.drain(settings, processor, metrics, count, [topics["enriched"]],
                                                until_stopped=True, sample=sample)
                 facts.update(
                     memory_after=benchkit.memory_mib(),
@@ -150,7 +150,7 @@ async def bench(count: int, partitions: int, instruments: int, rounds: int = 1, 
                     dead_letters=benchkit.counter_totals(metrics, "dp_dead_letters", ("reason",)),
                     clickhouse=await asyncio.to_thread(bar_counts, client),
                 )
-                return seconds
+                return drained
 
             relay_runs, agg_runs = await benchkit.alternate(rounds, relay, aggregation)
             return {

@@ -116,12 +116,12 @@ async def bench(count: int, partitions: int, rounds: int = 2) -> dict[str, Any]:
                                          lambda key: partition_for(key, partitions))
             dead: dict[str, float] = {}
 
-            async def relay(round_no: int) -> float:
+            async def relay(round_no: int) -> benchkit.Drained:
                 settings = benchkit.bench_settings(base, "relay", f"{run}-{round_no}", overrides,
                                                    audit_enabled=False)
                 return await benchkit.relay_drain(settings, topics["relay"], count, [topics["normalized"]])
 
-            async def enrichment(round_no: int) -> float:
+            async def enrichment(round_no: int) -> benchkit.Drained:
                 settings = benchkit.bench_settings(base, "enrichment", f"{run}-{round_no}", overrides,
                                                    audit_enabled=False)
                 metrics = ServiceMetrics("enrichment")
@@ -131,11 +131,11 @@ async def bench(count: int, partitions: int, rounds: int = 2) -> dict[str, Any]:
                 async with store:
                     if not await store.wait_loaded(30):
                         raise RuntimeError("reference data did not load")
-                    seconds = await benchkit.drain(settings, processor, metrics, count,
+                    drained = await benchkit.drain(settings, processor, metrics, count,
                                                    [topics["normalized"]])
                 dead.clear()
                 dead.update(benchkit.counter_totals(metrics, "dp_dead_letters", ("reason",)))
-                return seconds
+                return drained
 
             relay_runs, enrich_runs = await benchkit.alternate(rounds, relay, enrichment)
             return {

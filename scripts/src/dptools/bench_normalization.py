@@ -72,19 +72,19 @@ async def bench(count: int, partitions: int, rounds: int = 1) -> dict[str, Any]:
                      "deadletter": topics["deadletter"], "partitions": partitions}
         dead: dict[str, float] = {}
 
-        async def relay(round_no: int) -> float:
+        async def relay(round_no: int) -> benchkit.Drained:
             settings = benchkit.bench_settings(base, "relay", f"{run}-{round_no}", overrides)
             return await benchkit.relay_drain(settings, topics["relay"], count, [topics["raw"]])
 
-        async def normalization(round_no: int) -> float:
+        async def normalization(round_no: int) -> benchkit.Drained:
             settings = benchkit.bench_settings(
                 base, "normalization", f"{run}-{round_no}",
                 {**overrides, "normalization_dedup_changelog": changelogs[f"changelog{round_no}"]})
             metrics = ServiceMetrics("normalization")
             processor = NormalizationProcessor.from_settings(settings, metrics)
-            seconds = await benchkit.drain(settings, processor, metrics, count, [topics["raw"]])
+            drained = await benchkit.drain(settings, processor, metrics, count, [topics["raw"]])
             dead.update(benchkit.counter_totals(metrics, "dp_dead_letters", ("reason",)))
-            return seconds
+            return drained
 
         relay_runs, norm_runs = await benchkit.alternate(rounds, relay, normalization)
         return {

@@ -148,19 +148,19 @@ async def bench(count: int, partitions: int, spread: int = 1, rounds: int = 1) -
                          "deadletter": topics["deadletter"], "partitions": partitions}
             last: dict[str, Any] = {}
 
-            async def relay(round_no: int) -> float:
+            async def relay(round_no: int) -> benchkit.Drained:
                 settings = benchkit.bench_settings(base, "relay", f"{run}-{round_no}", overrides)
                 return await benchkit.relay_drain(settings, topics["relay"], count, inputs,
                                                   until_stopped=True)
 
-            async def projection(round_no: int) -> float:
+            async def projection(round_no: int) -> benchkit.Drained:
                 settings = benchkit.bench_settings(base, "projection", f"{run}-{round_no}", overrides)
                 metrics = ServiceMetrics("projection")
                 processor = build_processor(settings, metrics)
                 await processor.start()
                 try:
                     # The last cycle (and its Redis flush) commits before the loop returns.
-                    seconds = await benchkit.drain(settings, processor, metrics, count, inputs,
+                    drained = await benchkit.drain(settings, processor, metrics, count, inputs,
                                                    until_stopped=True)
                 finally:
                     await processor.close()
@@ -170,7 +170,7 @@ async def bench(count: int, partitions: int, spread: int = 1, rounds: int = 1) -
                     projection_process_s=round(processor.process_seconds, 2),
                     projection_flush_s=round(processor.flush_seconds, 2),
                 )
-                return seconds
+                return drained
 
             relay_runs, proj_runs = await benchkit.alternate(rounds, relay, projection)
             return {

@@ -18,8 +18,9 @@ import os
 import platform
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Collection, Iterable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -36,10 +37,17 @@ S = TypeVar("S", bound=Settings)
 #: A drain that does not finish within this many seconds fails.
 DRAIN_TIMEOUT_S = 1800.0
 
-#: CPU seconds of this process (all threads: the loop, librdkafka, the processor) per drain, appended
-#: by `drain` in call order; `alternate` splits them into relay and service runs for `throughput`.
-_drain_cpu_s: list[float] = []
-_alternate_cpu_s: dict[str, list[float]] = {"relay": [], "service": []}
+
+
+@dataclass(frozen=True, slots=True)
+class Drained:
+    """One drain: its wall seconds and the CPU seconds of this process, both from the first record.
+
+    CPU covers all threads of the process: the loop, librdkafka, the processor.
+    """
+
+    seconds: float
+    cpu_s: float
 
 
 def run_id() -> str:
@@ -138,8 +146,8 @@ async def drain(
     *,
     until_stopped: bool = False,
     sample: Callable[[], None] | None = None,
-) -> float:
-    """Run the real loop until `count` records were consumed; return the seconds from the first.
+) -> Drained:
+    """Run the real loop until `count` records were consumed; its seconds and CPU from the first.
 
     The time runs to the poll that saw the last record consumed, or with `until_stopped` to the
     loop's return (the last cycle, its flush and its commit included). `sample` is called at each
@@ -171,34 +179,28 @@ async def drain(
     stop.set()
     await task
     end = time.perf_counter() if until_stopped else now
-    _drain_cpu_s.append((time.process_time() if until_stopped else cpu_now) - first_cpu)
-    return end - (first or now)
+    cpu_end = time.process_time() if until_stopped else cpu_now
+    return Drained(seconds=end - (first or now), cpu_s=cpu_end - first_cpu)
 
 
 async def relay_drain(settings: Settings, output_topic: str, count: int, input_topics: list[str],
-                      *, until_stopped: bool = False) -> float:
+                      *, until_stopped: bool = False) -> Drained:
     """`drain` with the plain relay (same bytes to `output_topic`, same partition)."""
     return await drain(settings, PassthroughProcessor(output_topic), ServiceMetrics(settings.service), count,
                        input_topics, until_stopped=until_stopped)
 
 
-async def alternate(rounds: int, relay: Callable[[int], Awaitable[float]],
-                    service: Callable[[int], Awaitable[float]]) -> tuple[list[float], list[float]]:
-    """Run relay then service `rounds` times (given the round number); their seconds per round.
+async def alternate(rounds: int, relay: Callable[[int], Awaitable[Drained]],
+                    service: Callable[[int], Awaitable[Drained]]) -> tuple[list[Drained], list[Drained]]:
+    """Run relay then service `rounds` times (given the round number); their drains per round.
 
-    Alternating lets load from other processes on a shared machine hit both alike. The CPU seconds of
-    each run's last `drain` are kept for `throughput`.
+    Alternating lets load from other processes on a shared machine hit both alike.
     """
-    relay_runs: list[float] = []
-    service_runs: list[float] = []
-    for cpu in _alternate_cpu_s.values():
-        cpu.clear()
+    relay_runs: list[Drained] = []
+    service_runs: list[Drained] = []
     for round_no in range(rounds):
-        for role, run, runs in (("relay", relay, relay_runs), ("service", service, service_runs)):
-            drains = len(_drain_cpu_s)
-            runs.append(await run(round_no))
-            if len(_drain_cpu_s) > drains:
-                _alternate_cpu_s[role].append(_drain_cpu_s[-1])
+        relay_runs.append(await relay(round_no))
+        service_runs.append(await service(round_no))
     return relay_runs, service_runs
 
 
@@ -213,29 +215,28 @@ def setup(settings: Settings, count: int, partitions: int, produce_s: float) -> 
     }
 
 
-def throughput(name: str, count: int, relay_runs: list[float], service_runs: list[float]) -> dict[str, Any]:
+def throughput(name: str, count: int, relay_runs: Sequence[Drained],
+               service_runs: Sequence[Drained]) -> dict[str, Any]:
     """Figures of the drains: mean seconds and records/s of relay and `name`, ratio, per-round seconds.
 
-    With the CPU of the runs of the last `alternate`, also CPU µs per record of relay and `name` (this
-    process, all its threads: the figure to compare between versions on a loaded machine).
+    Also the CPU µs per record of each (this process, all its threads: the figure to compare between
+    versions on a loaded machine).
     """
-    relay_s = sum(relay_runs) / len(relay_runs)
-    service_s = sum(service_runs) / len(service_runs)
-    cpu: dict[str, Any] = {}
-    for role, label in (("relay", "relay"), ("service", name)):
-        runs = _alternate_cpu_s[role]
-        if runs:
-            cpu[f"{label}_cpu_us_per_record"] = round(sum(runs) / len(runs) / count * 1e6, 1)
+    relay_s = sum(r.seconds for r in relay_runs) / len(relay_runs)
+    service_s = sum(r.seconds for r in service_runs) / len(service_runs)
+    relay_cpu_s = sum(r.cpu_s for r in relay_runs) / len(relay_runs)
+    service_cpu_s = sum(r.cpu_s for r in service_runs) / len(service_runs)
     return {
-        **cpu,
+        "relay_cpu_us_per_record": round(relay_cpu_s / count * 1e6, 1),
+        f"{name}_cpu_us_per_record": round(service_cpu_s / count * 1e6, 1),
         "relay_s": round(relay_s, 2),
         "relay_per_s": round(count / relay_s),
         f"{name}_s": round(service_s, 2),
         f"{name}_per_s": round(count / service_s),
         "ratio": round(relay_s / service_s, 3),
         "rounds": len(service_runs),
-        "relay_runs_s": [round(x, 2) for x in relay_runs],
-        f"{name}_runs_s": [round(x, 2) for x in service_runs],
+        "relay_runs_s": [round(r.seconds, 2) for r in relay_runs],
+        f"{name}_runs_s": [round(r.seconds, 2) for r in service_runs],
     }
 
 
