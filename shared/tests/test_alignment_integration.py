@@ -86,11 +86,22 @@ def _produce_backlog(bootstrap: str, topic: str) -> None:
     assert producer.flush(30) == 0
 
 
-def _settings(bootstrap: str, align_ms: int) -> Settings:
+@pytest.fixture
+def backlog(topic_factory: Callable[..., str], kafka_bootstrap: str,
+            monkeypatch: pytest.MonkeyPatch) -> tuple[str, str]:
+    """(source, sink): the skewed backlog on three partitions, an empty one-partition output; audit off."""
+    monkeypatch.setenv("DATA_PROC_AUDIT_ENABLED", "false")
+    source, sink = topic_factory("align-in", 3), topic_factory("align-out", 1)
+    _produce_backlog(kafka_bootstrap, source)
+    return source, sink
+
+
+def _settings(bootstrap: str, align_ms: int, group: str | None = None, **loop: int) -> Settings:
+    """Small batches, alignment bound `align_ms` (0 = off); a fresh consumer group unless `group`."""
     return load_settings(service="aligntest", instance_id=uuid.uuid4().hex[:8], kafka_bootstrap=bootstrap,
-                         kafka={"group_id": f"align-{uuid.uuid4().hex}"},
+                         kafka={"group_id": group or f"align-{uuid.uuid4().hex}"},
                          loop={"batch_size": 20, "batch_timeout_ms": 50, "align_max_ahead_ms": align_ms,
-                               "align_max_pause_ms": 10_000})
+                               "align_max_pause_ms": 10_000, **loop})
 
 
 async def _drain(settings: Settings, processor: MergingProcessor, source: str,
@@ -131,12 +142,9 @@ def _assert_exactly_once(outputs: list[InRecord]) -> None:
 
 
 async def test_without_alignment_the_fast_partition_overtakes_the_others(
-    topic_factory: Callable[..., str], kafka_bootstrap: str, consume_all: Callable[..., list[InRecord]],
-    monkeypatch: pytest.MonkeyPatch,
+    backlog: tuple[str, str], kafka_bootstrap: str, consume_all: Callable[..., list[InRecord]],
 ) -> None:
-    monkeypatch.setenv("DATA_PROC_AUDIT_ENABLED", "false")
-    source, sink = topic_factory("align-in", 3), topic_factory("align-out", 1)
-    _produce_backlog(kafka_bootstrap, source)
+    source, sink = backlog
     settings = _settings(kafka_bootstrap, 0)
     outputs, _ = await _drain(settings, MergingProcessor(sink), source, consume_all, sink)
     _assert_exactly_once(outputs)
@@ -145,12 +153,9 @@ async def test_without_alignment_the_fast_partition_overtakes_the_others(
 
 
 async def test_alignment_keeps_every_record_within_the_bound_exactly_once_across_an_abort(
-    topic_factory: Callable[..., str], kafka_bootstrap: str, consume_all: Callable[..., list[InRecord]],
-    monkeypatch: pytest.MonkeyPatch,
+    backlog: tuple[str, str], kafka_bootstrap: str, consume_all: Callable[..., list[InRecord]],
 ) -> None:
-    monkeypatch.setenv("DATA_PROC_AUDIT_ENABLED", "false")
-    source, sink = topic_factory("align-in", 3), topic_factory("align-out", 1)
-    _produce_backlog(kafka_bootstrap, source)
+    source, sink = backlog
     processor = MergingProcessor(sink, fail_commit_at=40)
     outputs, loop = await _drain(_settings(kafka_bootstrap, BOUND_MS), processor, source, consume_all, sink)
     _assert_exactly_once(outputs)
@@ -166,25 +171,17 @@ async def test_alignment_keeps_every_record_within_the_bound_exactly_once_across
 
 
 async def test_alignment_keeps_exactly_once_when_a_second_instance_joins_and_leaves(
-    topic_factory: Callable[..., str], kafka_bootstrap: str, consume_all: Callable[..., list[InRecord]],
-    monkeypatch: pytest.MonkeyPatch,
+    backlog: tuple[str, str], kafka_bootstrap: str, consume_all: Callable[..., list[InRecord]],
 ) -> None:
-    monkeypatch.setenv("DATA_PROC_AUDIT_ENABLED", "false")
-    source, sink = topic_factory("align-in", 3), topic_factory("align-out", 1)
-    _produce_backlog(kafka_bootstrap, source)
+    source, sink = backlog
     group = f"align-{uuid.uuid4().hex}"
 
-    def settings() -> Settings:
-        return load_settings(service="aligntest", instance_id=uuid.uuid4().hex[:8],
-                             kafka_bootstrap=kafka_bootstrap, kafka={"group_id": group},
-                             loop={"batch_size": 20, "batch_timeout_ms": 50, "align_max_ahead_ms": BOUND_MS,
-                                   "align_max_pause_ms": 10_000,
-                                   "session_timeout_ms": 6_000})
+    def loop() -> KafkaLoop:
+        settings = _settings(kafka_bootstrap, BOUND_MS, group, session_timeout_ms=6_000)
+        return KafkaLoop(settings, MergingProcessor(sink), input_topics=[source],
+                         metrics=ServiceMetrics("aligntest"))
 
-    first = KafkaLoop(settings(), MergingProcessor(sink), input_topics=[source],
-                      metrics=ServiceMetrics("aligntest"))
-    second = KafkaLoop(settings(), MergingProcessor(sink), input_topics=[source],
-                       metrics=ServiceMetrics("aligntest"))
+    first, second = loop(), loop()
     stop_first, stop_second = asyncio.Event(), asyncio.Event()
     task_first = asyncio.create_task(first.run(stop_first))
     try:
