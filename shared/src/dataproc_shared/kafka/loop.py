@@ -110,6 +110,7 @@ from dataproc_shared.deadletter import TRUNCATED_HEADER, dead_letter_audit_event
 from dataproc_shared.errors import DataProcError
 from dataproc_shared.kafka.alignment import Alignment
 from dataproc_shared.kafka.hanging import HangingTransactionResolver
+from dataproc_shared.kafka.retry import Retry
 from dataproc_shared.metrics import ServiceMetrics, observe_many
 from dataproc_shared.processor import Processor
 from dataproc_shared.records import (
@@ -182,6 +183,36 @@ def classify(error: KafkaError) -> ErrorClass:
     if error.retriable():
         return "retriable"
     return "abortable"
+
+
+def _retriable_call(exc: BaseException) -> bool:
+    return isinstance(exc, _CycleFailed) and exc.kind == "retriable"
+
+
+def _cycle_failed(exc: BaseException) -> bool:
+    return isinstance(exc, _CycleFailed)
+
+
+def _kafka_or_cycle_error(exc: BaseException) -> bool:
+    return isinstance(exc, _CycleFailed | KafkaException)
+
+
+def _kafka_error(exc: BaseException) -> bool:
+    return isinstance(exc, KafkaException)
+
+
+#: How the loop retries (`dataproc_shared.kafka.retry`): a client call failing with a retriable error,
+_CALL_RETRY = Retry(RETRIES, lambda n: min(0.1 * 2 ** (n - 1), 2.0), _retriable_call,
+                    "retrying kafka call", "info")
+#: the check of older producer epochs after `init_transactions` (given up with a warning),
+_OLDER_EPOCH_RETRY = Retry(OLDER_EPOCH_CHECK_ATTEMPTS, lambda n: 1.0 * n,
+                           event="older producer epochs not checked")
+#: the replacement of a failed or abandoned producer,
+_PRODUCER_RETRY = Retry(RETRIES, lambda n: 1.0 * n, _kafka_or_cycle_error, "producer restart failed")
+#: the rewind to the committed offsets after a rolled-back cycle,
+_REWIND_RETRY = Retry(REWIND_ATTEMPTS, lambda n: min(1.0 * n, 10.0), _cycle_failed, "rewind failed, retrying")
+#: and one seek of that rewind.
+_SEEK_RETRY = Retry(RETRIES, lambda n: 0.1 * n, _kafka_error)
 
 
 class _CallRunner:
@@ -400,15 +431,14 @@ class KafkaLoop:
         Runs after every `init_transactions` (start, replacement after an abandoned or failed
         producer), before the new epoch produces; a failed check is retried, then logged.
         """
-        for attempt in range(1, OLDER_EPOCH_CHECK_ATTEMPTS + 1):
-            try:
-                self._hanging.resolve_older_epochs(self._transactional_id, self._output_topics())
-                return
-            except Exception as exc:
-                log.warning("older producer epochs not checked", service=self._service,
-                            transactional_id=self._transactional_id, error=str(exc), attempt=attempt)
-                if attempt < OLDER_EPOCH_CHECK_ATTEMPTS:
-                    time.sleep(1.0 * attempt)
+        fields = {"service": self._service, "transactional_id": self._transactional_id}
+        try:
+            _OLDER_EPOCH_RETRY.run(
+                lambda: self._hanging.resolve_older_epochs(self._transactional_id, self._output_topics()),
+                log_fields=fields)
+        except Exception as exc:
+            log.warning("older producer epochs not checked", error=str(exc),
+                        attempt=_OLDER_EPOCH_RETRY.attempts, **fields)
 
     def _cb_consumer_error(self, err: KafkaError) -> None:
         # librdkafka hands a fatal consumer error (e.g. fenced by a consumer with the same
@@ -428,7 +458,8 @@ class KafkaLoop:
         `TXN_CALL_DEADLINE_S` (`_CycleFailed("hung")`).
         """
         runner = self._runner
-        for attempt in range(RETRIES):
+
+        def attempt() -> Any:
             try:
                 if deadline and runner is not None:
                     return runner.call(call, TXN_CALL_DEADLINE_S)
@@ -437,13 +468,14 @@ class KafkaLoop:
                 raise _CycleFailed("hung", f"{what}: no answer within {TXN_CALL_DEADLINE_S:.0f}s") from exc
             except KafkaException as exc:
                 err = _error_of(exc)
-                kind: ErrorClass = classify(err) if err is not None else "fatal"
-                if kind == "retriable" and attempt < RETRIES - 1:
-                    log.info("retrying kafka call", call=what, error=str(exc), attempt=attempt + 1)
-                    time.sleep(min(0.1 * 2**attempt, 2.0))
-                    continue
-                raise _CycleFailed("abortable" if kind == "retriable" else kind, f"{what}: {exc}") from exc
-        raise AssertionError("unreachable")  # pragma: no cover
+                raise _CycleFailed(classify(err) if err is not None else "fatal", f"{what}: {exc}") from exc
+
+        try:
+            return _CALL_RETRY.run(attempt, log_fields={"call": what})
+        except _CycleFailed as exc:
+            if exc.kind == "retriable":  # retries used up: roll the cycle back
+                raise _CycleFailed("abortable", str(exc)) from exc.__cause__
+            raise
 
     # ---- rebalance callbacks (run inside consume, in the worker thread) ------------------------
 
@@ -833,15 +865,13 @@ class KafkaLoop:
             else:
                 runner.stop()
         del old
-        for attempt in range(RETRIES):
-            try:
-                self._producer = await self._beating(asyncio.to_thread(self._new_producer))
-                log.info("producer recreated", service=self._service, transactional_id=self._transactional_id)
-                return
-            except (_CycleFailed, KafkaException) as exc:
-                log.warning("producer restart failed", service=self._service, error=str(exc), attempt=attempt)
-                await asyncio.sleep(1.0 * (attempt + 1))
-        raise LoopFatalError("producer could not be recreated")
+        try:
+            self._producer = await _PRODUCER_RETRY.run_async(
+                lambda: self._beating(asyncio.to_thread(self._new_producer)),
+                log_fields={"service": self._service})
+        except (_CycleFailed, KafkaException) as exc:
+            raise LoopFatalError(f"producer could not be recreated: {exc}") from exc
+        log.info("producer recreated", service=self._service, transactional_id=self._transactional_id)
 
     async def _rewind_until_done(self) -> None:
         """`_rewind`, retried while the broker cannot tell the committed offsets (e.g. restarting).
@@ -849,20 +879,18 @@ class KafkaLoop:
         The cycle cannot go on without them; giving up would exit the process for a condition that
         passes by itself. `/live` stays up meanwhile; after `REWIND_ATTEMPTS` the loop gives up.
         """
-        for attempt in range(1, REWIND_ATTEMPTS + 1):
-            try:
-                await self._beating(asyncio.to_thread(self._rewind))
-                return
-            except _CycleFailed as exc:
-                if attempt == REWIND_ATTEMPTS:
-                    raise LoopFatalError(f"cannot rewind to the committed offsets: {exc}") from exc
-                log.warning("rewind failed, retrying", service=self._service, error=str(exc), attempt=attempt)
-                if self._exactly_once:
-                    # committed offsets that never become readable: an open offset commit of a
-                    # transaction whose marker a broker restart lost
-                    with contextlib.suppress(Exception):
-                        await asyncio.to_thread(self._hanging.resolve_group, self._settings.group_id)
-                await asyncio.sleep(min(1.0 * attempt, 10.0))
+        async def resolve_group() -> None:
+            if self._exactly_once:
+                # committed offsets that never become readable: an open offset commit of a
+                # transaction whose marker a broker restart lost
+                with contextlib.suppress(Exception):
+                    await asyncio.to_thread(self._hanging.resolve_group, self._settings.group_id)
+
+        try:
+            await _REWIND_RETRY.run_async(lambda: self._beating(asyncio.to_thread(self._rewind)),
+                                          between=resolve_group, log_fields={"service": self._service})
+        except _CycleFailed as exc:
+            raise LoopFatalError(f"cannot rewind to the committed offsets: {exc}") from exc
 
     def _rewind(self) -> None:
         """Seek every assigned partition back to its committed offset (the start of the failed cycle).
@@ -884,14 +912,10 @@ class KafkaLoop:
     def _seek(self, targets: list[TopicPartition]) -> None:
         consumer = self._c
         for tp in targets:
-            for attempt in range(RETRIES):
-                try:
-                    consumer.seek(tp)
-                    break
-                except KafkaException as exc:
-                    if attempt == RETRIES - 1:
-                        raise LoopFatalError(f"cannot rewind {tp.topic}[{tp.partition}]: {exc}") from exc
-                    time.sleep(0.1 * (attempt + 1))
+            try:
+                _SEEK_RETRY.run(functools.partial(consumer.seek, tp))
+            except KafkaException as exc:
+                raise LoopFatalError(f"cannot rewind {tp.topic}[{tp.partition}]: {exc}") from exc
 
     # ---- rebalance ----------------------------------------------------------------------------
 
