@@ -24,6 +24,7 @@ from typing import Any
 
 import pytest
 from aggregation.app import AggregationProcessor
+from aggregation.service import build_processor
 from aggregation.settings import AggregationSettings
 from aggregation.sink import BarSink
 from confluent_kafka import Producer
@@ -437,6 +438,7 @@ class LosableClickHouse:
     """
 
     backend = "chdb"
+    address = "engine behind a fault switch"
 
     def __init__(self, inner: ChdbClickHouse) -> None:
         self.inner = inner
@@ -464,25 +466,57 @@ class LosableClickHouse:
         self.inner.close()
 
 
+def inprocess_settings(topic_factory: Callable[..., str], kafka_bootstrap: str, clickhouse_url: str,
+                       http_port: int) -> AggregationSettings:
+    """Settings of an in-process aggregation on fresh topics (two partitions), 1m and 5m bars."""
+    return load_settings(
+        AggregationSettings, service="aggregation", instance_id=unique_name("agg"),
+        kafka_bootstrap=kafka_bootstrap, clickhouse_url=clickhouse_url,
+        http={"host": "127.0.0.1", "port": http_port}, kafka={"group_id": unique_name("agg-group")},
+        loop={"tick_interval_ms": 200, "startup_backoff_max_s": 1},
+        topics={"enriched": topic_factory("agg-in", 2), "bars": topic_factory("agg-bars", 2),
+                "deadletter": topic_factory("agg-dl", 1),
+                "aggregation_windows_changelog": topic_factory("agg-cl", 2, {"cleanup.policy": "compact"})},
+        aggregation={"intervals": "1m,5m", "allowed_lateness_ms": 2000, "idle_timeout_ms": 3_600_000,
+                     "update_interval_ms": 200},
+    )
+
+
+async def wait_for_finals_in(task: asyncio.Task[Any], consume_all: Callable[..., list[InRecord]], topic: str,
+                             n: int, timeout: float = 120) -> list[dict[str, Any]]:
+    """The bars on `topic` once `n` finals are there; fails if the in-process service `task` ends."""
+    deadline = time.monotonic() + timeout
+    while True:
+        bars = await asyncio.to_thread(bars_on_topic, consume_all, topic)
+        if sum(1 for b in bars if b["is_final"]) >= n:
+            return bars
+        assert not task.done(), task
+        assert time.monotonic() < deadline, f"{len(bars)} bars, {n} finals expected"
+        await asyncio.sleep(1)
+
+
+def check_finals_in_clickhouse(engine: ChdbClickHouse, expected: dict[tuple[str, str, int], dict[str, Any]]
+                               ) -> None:
+    """The final bars in `FINAL` are exactly the expected ones, with the expected values."""
+    fields = ("open", "high", "low", "close", "volume", "trade_count", "version")
+    rows = engine.query(
+        "SELECT instrument_id, interval, toUnixTimestamp64Milli(window_start) AS ws, open, high, low, "
+        "close, volume, trade_count, version FROM market_data.bars FINAL WHERE is_final = 1").dicts()
+    assert len(rows) == len(expected)
+    for row in rows:
+        exp = expected[(row["instrument_id"], row["interval"], row["ws"])]
+        assert {k: row[k] for k in fields} == {k: exp[k] for k in fields}
+
+
 async def test_a_clickhouse_lost_while_running_rolls_cycles_back_and_loses_no_bar(
     topic_factory: Callable[..., str], kafka_bootstrap: str, consume_all: Callable[..., list[InRecord]],
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Every cycle whose bars cannot be inserted is rolled back (nothing reaches the bars topic) and
     retried; once ClickHouse answers again the same final bars are on the topic and in `FINAL`."""
-    enriched = topic_factory("agg-in", partitions=2)
-    bars_topic = topic_factory("agg-bars", partitions=2)
     monkeypatch.setenv("DATA_PROC_AUDIT_ENABLED", "false")
-    settings = load_settings(
-        AggregationSettings, service="aggregation", instance_id=unique_name("agg"),
-        kafka_bootstrap=kafka_bootstrap, clickhouse_url=str(tmp_path / "unused"),
-        http={"host": "127.0.0.1", "port": 0}, kafka={"group_id": unique_name("agg-group")},
-        loop={"tick_interval_ms": 200},
-        topics={"enriched": enriched, "bars": bars_topic, "deadletter": topic_factory("agg-dl", 1),
-                "aggregation_windows_changelog": topic_factory("agg-cl", 2, {"cleanup.policy": "compact"})},
-        aggregation={"intervals": "1m,5m", "allowed_lateness_ms": 2000, "idle_timeout_ms": 3_600_000,
-                     "update_interval_ms": 200},
-    )
+    settings = inprocess_settings(topic_factory, kafka_bootstrap, str(tmp_path / "unused"), 0)
+    enriched, bars_topic = settings.topics.enriched, settings.topics.bars
     engine = ChdbClickHouse(str(tmp_path / "chdb"))
     migrate_clickhouse(engine, values=clickhouse_values())
     client = LosableClickHouse(engine)
@@ -510,23 +544,64 @@ async def test_a_clickhouse_lost_while_running_rolls_cycles_back_and_loses_no_ba
         assert await asyncio.to_thread(bars_on_topic, consume_all, bars_topic) == []
         assert engine.query("SELECT count() FROM market_data.bars").scalar() == 0
         client.lost.clear()
-        deadline = time.monotonic() + 120
-        while True:
-            bars = await asyncio.to_thread(bars_on_topic, consume_all, bars_topic)
-            if sum(1 for b in bars if b["is_final"]) >= len(expected):
-                break
+        check_finals(await wait_for_finals_in(task, consume_all, bars_topic, len(expected)), expected)
+        check_finals_in_clickhouse(engine, expected)
+    finally:
+        stop.set()
+        code, timed_out = await asyncio.wait_for(task, 60)
+        engine.close()
+    assert (code, timed_out) == (0, False)
+
+
+async def test_a_clickhouse_unreachable_at_start_is_waited_for_then_the_service_starts(
+    topic_factory: Callable[..., str], kafka_bootstrap: str, consume_all: Callable[..., list[InRecord]],
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The whole start of `python -m aggregation`'s `serve` with a ClickHouse server that is away, then back.
+
+    The server's client is replaced (at `dataproc_shared.service.connect`) by the real embedded
+    engine behind a fault switch, closed while `serve` waits: it waits (health: `clickhouse` down,
+    not ready), then migrates, consumes and writes the bars.
+    """
+    monkeypatch.setenv("DATA_PROC_AUDIT_ENABLED", "false")
+    port = free_port()
+    settings = inprocess_settings(topic_factory, kafka_bootstrap, "http://127.0.0.1:9/", port)
+    engine = ChdbClickHouse(str(tmp_path / "chdb"))
+    client = LosableClickHouse(engine)
+    client.lost.set()
+    urls: list[str] = []
+
+    def connect(url: str, **_options: Any) -> LosableClickHouse:
+        urls.append(url)
+        return client
+
+    monkeypatch.setattr("dataproc_shared.service.connect", connect)
+    feed = Feed(kafka_bootstrap, settings.topics.enriched)
+    close_everything(feed, send_trades(feed, 60, BASE))
+    feed.flush()
+    expected = expected_finals(feed.trades)
+    stop = asyncio.Event()
+    task = asyncio.create_task(serve(settings, build_processor, input_topics=[settings.topics.enriched],
+                                     clickhouse_owner=True, stop=stop))
+    http = Service({"DATA_PROC_HTTP__PORT": str(port)}, tmp_path / "unused.log")
+    try:
+        deadline = time.monotonic() + 60
+        while client.refused < 3:  # three attempts: 0.5 s, then 1 s apart
             assert not task.done(), task
-            assert time.monotonic() < deadline, f"{len(bars)} bars after the server came back"
-            await asyncio.sleep(1)
+            assert time.monotonic() < deadline, client.refused
+            await asyncio.sleep(0.1)
+        status, health = await asyncio.to_thread(http.get, "/health")
+        assert (status, health["status"], health["dependencies"]["clickhouse"]["status"]) == \
+            (503, "unhealthy", "down")
+        assert "engine behind a fault switch" in health["dependencies"]["clickhouse"]["last_error"]
+        assert (await asyncio.to_thread(http.get, "/ready"))[0] == 503
+        assert await asyncio.to_thread(bars_on_topic, consume_all, settings.topics.bars) == []
+        client.lost.clear()
+        bars = await wait_for_finals_in(task, consume_all, settings.topics.bars, len(expected))
         check_finals(bars, expected)
-        rows = engine.query(
-            "SELECT instrument_id, interval, toUnixTimestamp64Milli(window_start) AS ws, open, high, low, "
-            "close, volume, trade_count, version FROM market_data.bars FINAL WHERE is_final = 1").dicts()
-        assert len(rows) == len(expected)
-        for row in rows:
-            exp = expected[(row["instrument_id"], row["interval"], row["ws"])]
-            assert {k: row[k] for k in ("open", "high", "low", "close", "volume", "trade_count", "version")} \
-                == {k: exp[k] for k in ("open", "high", "low", "close", "volume", "trade_count", "version")}
+        check_finals_in_clickhouse(engine, expected)
+        assert (await asyncio.to_thread(http.get, "/ready"))[0] == 200
+        assert urls == ["http://127.0.0.1:9/"]
     finally:
         stop.set()
         code, timed_out = await asyncio.wait_for(task, 60)
