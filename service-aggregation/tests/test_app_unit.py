@@ -7,7 +7,7 @@ from typing import Any
 import orjson
 from aggregation.app import AggregationProcessor
 from aggregation.settings import AggregationOptions
-from aggregation.transform import NS_PER_S
+from aggregation.transform import NS_PER_S, decode_instrument_state
 from dataproc_shared import avro
 from dataproc_shared.records import DeadLetterReason, InRecord
 from dataproc_shared.state import ChangelogStore
@@ -73,7 +73,8 @@ async def test_bars_dead_letters_and_changelog() -> None:
     keys = {c.key: c.value for c in changes}
     assert keys[b"meta"] is not None
     assert orjson.loads(keys[b"meta"] or b"")["wm"] == 2 * MIN + 1
-    open_key = f"w|CLZ6.XNYM|1m|{2 * MIN}".encode()
-    assert keys[open_key] is not None
+    # one entry for the instrument, holding its one open window
+    [window] = decode_instrument_state(keys[b"i|CLZ6.XNYM"] or b"")
+    assert (window.interval, window.start, window.count) == ("1m", 2 * MIN, 1)
     assert all(c.topic == "cl" and c.partition == 2 for c in changes)
     assert (await proc.before_commit()).outputs == []

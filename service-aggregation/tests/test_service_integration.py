@@ -607,3 +607,55 @@ async def test_a_clickhouse_unreachable_at_start_is_waited_for_then_the_service_
         code, timed_out = await asyncio.wait_for(task, 60)
         engine.close()
     assert (code, timed_out) == (0, False)
+
+
+def live_changelog_keys(consume_all: Callable[..., list[InRecord]], topic: str) -> dict[bytes, bytes]:
+    """Latest value per key of the changelog (committed records; tombstones remove the key)."""
+    latest: dict[bytes, bytes | None] = {}
+    for r in consume_all([topic], read_committed=True, timeout=60):
+        assert r.key is not None
+        latest[r.key] = r.value
+    return {k: v for k, v in latest.items() if v is not None}
+
+
+def test_a_changelog_of_the_previous_format_restores_after_an_upgrade(
+    setup: tuple[Service, Feed, dict[str, str]], consume_all: Callable[..., list[InRecord]],
+) -> None:
+    """Window state written one entry per window (the format before) restores into the service that
+    writes one entry per instrument; it converts the changelog and makes the same final bars."""
+    service, feed, topics = setup
+    service.env["DATA_PROC_AGGREGATION__CHANGELOG_FORMAT"] = "window"
+    last = send_trades(feed, 150, BASE)
+    feed.flush()
+    first_half = len(feed.trades)
+    service.start()
+    # part of the first half committed: open windows of every instrument in the changelog
+    wait_until(lambda: sum(1 for k in live_changelog_keys(consume_all, topics["changelog"])
+                           if k.startswith(b"w|")) >= 2 * len(INSTRUMENTS)
+               and count_finals(consume_all, topics["bars"]) >= 2 * 150 // 60 - 2, 120,
+               lambda: service.log_path.read_text()[-3000:])
+    old = live_changelog_keys(consume_all, topics["changelog"])
+    assert old
+    assert all(k.startswith(b"w|") or k == b"meta" for k in old), sorted(old)
+    service.kill9()
+
+    service.env["DATA_PROC_AGGREGATION__CHANGELOG_FORMAT"] = "instrument"
+    service.start()
+    last = send_trades(feed, 150, last)
+    feed.flush()
+    assert len(feed.trades) == 2 * first_half
+    # converted: the previous format's keys are tombstoned, the instruments' entries written
+    wait_until(lambda: not any(k.startswith(b"w|")
+                               for k in live_changelog_keys(consume_all, topics["changelog"])),
+               120, lambda: service.log_path.read_text()[-3000:])
+    live = live_changelog_keys(consume_all, topics["changelog"])
+    instruments = {f"i|{vsym}.{venue}".encode() for venue, vsym, _ in INSTRUMENTS}
+    assert {k for k in live if k != b"meta"} <= instruments
+    assert any(k.startswith(b"i|") for k in live)
+    close_everything(feed, last)
+    feed.flush()
+    expected = expected_finals(feed.trades)
+    bars = wait_for_finals(consume_all, topics["bars"], len(expected), service)
+    check_finals(bars, expected)
+    # every window closed: nothing of the window state stays alive in the compacted topic
+    assert set(live_changelog_keys(consume_all, topics["changelog"])) == {b"meta"}

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import itertools
+import math
+import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import pytest
@@ -10,12 +13,18 @@ from aggregation.transform import (
     NS_PER_MS,
     NS_PER_S,
     BadIntervalError,
+    BadStateError,
     Bar,
+    ChangelogFormat,
     Interval,
     Tick,
     WindowConfig,
     WindowEngine,
+    decode_instrument_state,
+    encode_instrument_state,
+    instrument_changelog_key,
     parse_interval,
+    window_changelog_key,
 )
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -196,6 +205,126 @@ def test_state_round_trip_through_changelog_entries() -> None:
     assert restored.close_all(0) == eng.close_all(0)
 
 
+def test_changes_are_one_entry_per_instrument_per_cycle() -> None:
+    clock = FakeClock()
+    eng = WindowEngine(cfg("1m", "5m", "1h"), clock)
+    for i in range(50):
+        eng.apply(trade(MIN + i * NS_PER_S // 10, 1.0 + i, offset=2 * i, inst="A:X"))
+        eng.apply(trade(MIN + i * NS_PER_S // 10, 2.0, offset=2 * i + 1, inst="B:Y"))
+    eng.apply(quote(MIN + 6 * NS_PER_S, offset=100))
+    entries = dict(eng.changes(0))
+    # 101 records, 6 open windows: one entry per instrument (all its intervals) and the metadata
+    assert set(entries) == {b"i|A:X", b"i|B:Y", b"meta"}
+    windows = decode_instrument_state(entries[b"i|A:X"] or b"")
+    assert sorted((w.interval, w.start, w.count) for w in windows) == [
+        ("1h", 0, 50), ("1m", MIN, 50), ("5m", 0, 50)]
+    assert eng.changes(0) == []
+    # a quote moves only the watermark; a trade of one instrument rewrites only that instrument
+    eng.apply(quote(MIN + 7 * NS_PER_S, offset=101))
+    assert [k for k, _ in eng.changes(0)] == [b"meta"]
+    eng.apply(trade(MIN + 8 * NS_PER_S, 9.0, offset=102, inst="B:Y"))
+    assert [k for k, _ in eng.changes(0)] == [b"i|B:Y", b"meta"]
+    # the 1m windows close: both instruments are rewritten without them; closing all: tombstones
+    eng.apply(quote(2 * MIN + 6 * NS_PER_S, offset=103))
+    entries = dict(eng.changes(0))
+    assert sorted(w.interval for w in decode_instrument_state(entries[b"i|A:X"] or b"")) == ["1h", "5m"]
+    assert len(eng.close_all(0)) == 4
+    entries = dict(eng.changes(0))
+    assert entries[b"i|A:X"] is None
+    assert entries[b"i|B:Y"] is None
+
+
+def _window_with(**fields: object) -> object:
+    eng = WindowEngine(cfg("1m"), FakeClock())
+    eng.apply(trade(MIN, 1.0, offset=0))
+    [(_, raw)] = [e for e in eng.changes(0) if e[0] != b"meta"]
+    [w] = decode_instrument_state(raw or b"")
+    for name, value in fields.items():
+        setattr(w, name, value)
+    return w
+
+
+@given(
+    st.lists(st.floats(allow_nan=True, allow_infinity=True), min_size=6, max_size=6),
+    st.lists(st.integers(-(2**63), 2**63 - 1), min_size=14, max_size=14),
+    st.text(max_size=12), st.text(max_size=12), st.booleans(),
+)
+def test_instrument_state_round_trips_bit_for_bit(
+    floats: list[float], ints: list[int], name: str, symbol: str, other_strings: bool,
+) -> None:
+    f, n = floats, ints
+    a = _window_with(instrument_id=name, interval="1m", start=n[0], end=n[1], open=f[0], high=f[1], low=f[2],
+                     close=f[3], volume=f[4], pv=f[5], open_key=tuple(n[2:6]), close_key=tuple(n[6:10]),
+                     count=n[10], max_ingest=n[11], off_from=n[12], off_to=n[13], symbol=symbol)
+    b = _window_with(instrument_id=name, interval="5m", symbol=symbol + "!" if other_strings else symbol,
+                     currency="EUR" if other_strings else "USD")
+    raw = encode_instrument_state([a, b])  # type: ignore[list-item]
+    got = decode_instrument_state(raw)
+    assert len(got) == 2
+    for want, have in zip((a, b), got, strict=True):
+        for slot in type(have).__slots__:
+            x, y = getattr(want, slot), getattr(have, slot)
+            if isinstance(x, float):
+                assert struct.pack("<d", x) == struct.pack("<d", y), slot
+            else:
+                assert x == y, slot
+    assert math.isnan(got[0].open) == math.isnan(f[0])
+
+
+def test_malformed_instrument_state_is_a_bad_state_error() -> None:
+    eng = WindowEngine(cfg("1m", "5m"), FakeClock())
+    eng.apply(trade(MIN, 1.0, offset=0))
+    raw = dict(eng.changes(0))[b"i|XNYM:CLZ6"] or b""
+    assert len(decode_instrument_state(raw)) == 2
+    for cut in range(len(raw)):
+        with pytest.raises(BadStateError):
+            decode_instrument_state(raw[:cut])
+    for bad in (b"\x02" + raw[1:], raw + b"\x00"):
+        with pytest.raises(BadStateError):
+            decode_instrument_state(bad)
+    with pytest.raises(BadStateError):
+        WindowEngine(cfg("1m"), FakeClock()).restore_partition(0, [(b"i|X", raw[:-3])])
+
+
+@pytest.mark.parametrize(("old", "new"), [("window", "instrument"), ("instrument", "window")])
+def test_a_changelog_in_the_other_format_restores_and_is_converted(old: ChangelogFormat,
+                                                                    new: ChangelogFormat) -> None:
+    clock = FakeClock()
+    config = cfg("1m", "5m", "1h")
+    before = WindowEngine(config, clock, old)
+    log: dict[bytes, bytes | None] = {}
+    ticks = [trade(MIN + i * NS_PER_S, 1.0 + i % 7, 1.0 + i % 3, offset=i, inst=("A:X", "B:Y", "C:Z")[i % 3])
+             for i in range(200)]
+    for t in ticks[:150]:
+        before.apply(t)
+    log.update(before.changes(0))
+    assert all(k.startswith(b"w|" if old == "window" else b"i|") for k in log if k != b"meta")
+    after = WindowEngine(config, clock, new)
+    after.restore_partition(0, log.items())
+    assert after.open_windows() == before.open_windows()
+    # the first changes rewrite every restored instrument in the new format, old keys tombstoned
+    conversion = after.changes(0)
+    old_keys = {k for k, v in log.items() if v is not None and k != b"meta"}
+    assert {k for k, v in conversion if v is None} == old_keys
+    if new == "instrument":
+        assert {k for k, v in conversion if v is not None} == {instrument_changelog_key(i)
+                                                              for i in ("A:X", "B:Y", "C:Z")}
+    else:
+        assert {k for k, v in conversion if v is not None} == {window_changelog_key(k)
+                                                              for k in after._parts[0].windows}
+    log.update(conversion)
+    assert after.changes(0) == []
+    for t in ticks[150:]:
+        before.apply(t)
+        after.apply(t)
+    log.update(after.changes(0))
+    # a second restore from the converted log: no old keys left alive, same bars to the end
+    again = WindowEngine(config, clock, new)
+    again.restore_partition(0, log.items())
+    assert again.changes(0) == []
+    assert again.close_all(0) == after.close_all(0) == before.close_all(0)
+
+
 # ---------------------------------------------------------------------------------- property-based
 INSTRUMENTS = ("A:X", "A:Y", "B:Z")
 PART_OF = {"A:X": 0, "A:Y": 1, "B:Z": 0}
@@ -293,14 +422,16 @@ def scenarios(draw: st.DrawFn) -> tuple[list[Tick | Idle], list[int], set[int]]:
     return events, cuts, crashes
 
 
-def run_engine(events: list[Tick | Idle], cuts: list[int], crashes: set[int], config: WindowConfig
-               ) -> tuple[list[Bar], list[Bar], int]:
+def run_engine(events: list[Tick | Idle], cuts: list[int], crashes: set[int], config: WindowConfig,
+               formats: Sequence[ChangelogFormat] = ("instrument",)) -> tuple[list[Bar], list[Bar], int]:
     """Run in batches (one transaction each); crash after processing batch i for i in `crashes`
     (its outputs and state changes are discarded, the engine is rebuilt from the committed
-    changelog and the batch replayed). Returns committed finals, committed updates, late count."""
+    changelog and the batch replayed). The engine writes `formats[0]`, after the n-th crash
+    `formats[n % len(formats)]` (an upgrade or downgrade of the changelog format with the restart).
+    Returns committed finals, committed updates, late count."""
     clock = FakeClock()
     changelog: dict[int, dict[bytes, bytes | None]] = {0: {}, 1: {}}
-    eng = WindowEngine(config, clock)
+    eng = WindowEngine(config, clock, formats[0])
     finals: list[Bar] = []
     updates: list[Bar] = []
     late = 0
@@ -325,7 +456,7 @@ def run_engine(events: list[Tick | Idle], cuts: list[int], crashes: set[int], co
         changes = {p: eng.changes(p) for p in (0, 1)}
         if i in crashes and i not in crashed:
             crashed.add(i)
-            eng = WindowEngine(config, clock)
+            eng = WindowEngine(config, clock, formats[len(crashed) % len(formats)])
             for p in (0, 1):
                 eng.restore_partition(p, changelog[p].items())
             continue
@@ -365,6 +496,20 @@ def test_engine_matches_naive_reference_whatever_batches_and_crashes(
     by_key = {b.key: b for b in finals}
     for k, v in seen.items():
         assert v < by_key[k].version
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(scenarios(), st.lists(st.sampled_from(["instrument", "window"]), min_size=1, max_size=4))
+def test_changelog_format_switches_on_restarts_keep_the_finals(
+    scenario: tuple[list[Tick | Idle], list[int], set[int]], formats: list[ChangelogFormat],
+) -> None:
+    """Whatever format each restart writes, restored state from the other gives the same finals."""
+    events, cuts, crashes = scenario
+    expected, expected_late = reference(events, PROP_CFG)
+    finals, _, late = run_engine(events, cuts, crashes, PROP_CFG, formats)
+    assert sorted(finals, key=lambda b: (b.source_partition, b.key)) == sorted(
+        expected, key=lambda b: (b.source_partition, b.key))
+    assert late == expected_late
 
 
 @settings(max_examples=100, deadline=None)

@@ -18,7 +18,8 @@ group and `--rounds` times alternately:
 Reports records/s of each (first record consumed -> last record consumed, the last commit and its
 ClickHouse flush included, mean over rounds) and their ratio; the bars written; and the memory of
 this process (VmRSS/VmHWM from /proc/self/status) before the first aggregation drain and after the
-last, with the most windows held during it (sampled every 20 ms). Topics are uuid-named and deleted
+last, with the most windows held during it (sampled every 20 ms); the changelog records (and their
+key + value bytes) the processor committed, per input record. Topics are uuid-named and deleted
 at the end, the chDB folder is removed. Needs the local stack's Kafka (`.stack/env`). The common
 part is `dptools.benchkit`.
 """
@@ -42,6 +43,7 @@ from dataproc_shared.config import kafka_common_config, load_settings
 from dataproc_shared.metrics import ServiceMetrics
 from dataproc_shared.migrate import CLICKHOUSE_DATABASE, clickhouse_values, migrate_clickhouse
 from dataproc_shared.partitioning import instrument_key, partition_for
+from dataproc_shared.records import BatchResult
 from dataproc_shared.state import ChangelogStore
 
 from dptools import benchkit
@@ -77,6 +79,23 @@ def enriched_ticks(count: int, instruments: int, trade_share: float = 0.8, event
             "ingest_ns": ts_ns + 5_000, "source_partition": 0, "source_offset": n,
         }
         yield instrument_key(VENUE, symbol), avro.encode("enriched_tick", record)
+
+
+class CountingProcessor(AggregationProcessor):
+    """The service's processor, counting the changelog records (and their bytes) it commits."""
+
+    changelog_records = 0
+    changelog_bytes = 0
+
+    async def before_commit(self) -> BatchResult:
+        """`AggregationProcessor.before_commit`, counting the records for the changelog topic."""
+        result = await super().before_commit()
+        topic = self._store.topic
+        for out in result.outputs:
+            if out.topic == topic:
+                self.changelog_records += 1
+                self.changelog_bytes += len(out.key or b"") + len(out.value or b"")
+        return result
 
 
 def fresh_tables(client: ClickHouseClient, settings: AggregationSettings) -> None:
@@ -130,7 +149,7 @@ async def bench(count: int, partitions: int, instruments: int, rounds: int = 1, 
                 metrics = ServiceMetrics("aggregation")
                 store = ChangelogStore(topic=settings.topics.changelog("aggregation", "windows"),
                                        kafka_config=kafka_common_config(settings), codec="bytes")
-                processor = AggregationProcessor(
+                processor = CountingProcessor(
                     config=settings.aggregation.window_config(), input_topic=topics["enriched"],
                     bars_topic=topics["bars"], store=store, sink=BarSink(client, metrics), metrics=metrics)
                 gc.collect()
@@ -149,6 +168,9 @@ async def bench(count: int, partitions: int, instruments: int, rounds: int = 1, 
                     bars_emitted=benchkit.counter_totals(metrics, "dp_bars_emitted", ("interval", "final")),
                     dead_letters=benchkit.counter_totals(metrics, "dp_dead_letters", ("reason",)),
                     clickhouse=await asyncio.to_thread(bar_counts, client),
+                    changelog_records=processor.changelog_records,
+                    changelog_records_per_input=round(processor.changelog_records / count, 3),
+                    changelog_bytes_per_input=round(processor.changelog_bytes / count, 1),
                 )
                 return drained
 

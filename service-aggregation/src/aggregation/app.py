@@ -5,6 +5,10 @@ and late trades are decided per record), then emits paced updates; `on_tick` clo
 partitions and emits paced updates; `before_commit` inserts the transaction's bars and late trades
 into ClickHouse and returns the state changes as changelog records, so outputs, state and input
 offsets commit together. `on_abort` reloads the state from the changelog and drops unflushed rows.
+
+The window state lives in the engine only: the `ChangelogStore` reads the changelog on assignment
+and after an abort, and its copy is dropped once the engine has loaded it; the engine's coalesced
+`changes` become the changelog records directly.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from dataproc_shared.state import ChangelogStore
 
 from aggregation.codec import BadTickError, decode_tick, encode_bar, late_rows
 from aggregation.sink import BarSink
-from aggregation.transform import Bar, WindowConfig, WindowEngine
+from aggregation.transform import Bar, ChangelogFormat, WindowConfig, WindowEngine
 
 log = structlog.get_logger(__name__)
 
@@ -42,9 +46,13 @@ class AggregationProcessor:
         sink: BarSink | None = None,
         metrics: Any | None = None,
         clock: Callable[[], int] = time.time_ns,
+        changelog_format: ChangelogFormat = "instrument",
     ) -> None:
-        """`metrics` is the service's `ServiceMetrics`; `clock` gives wall-clock epoch nanoseconds."""
-        self.engine = WindowEngine(config, clock)
+        """`metrics` is the service's `ServiceMetrics`; `clock` gives wall-clock epoch nanoseconds.
+
+        `changelog_format` is the format the window state is written in (both are read).
+        """
+        self.engine = WindowEngine(config, clock, changelog_format)
         self._config = config
         self._input_topic = input_topic
         self._bars_topic = bars_topic
@@ -52,21 +60,22 @@ class AggregationProcessor:
         self._sink = sink
         self._metrics = metrics
         self._lengths = {i.name: i.length_ns for i in config.intervals}
+        # Input partitions assigned (their state restored into the engine).
+        self._owned: set[int] = set()
 
     # ---- life cycle --------------------------------------------------------------------------------
     async def on_assign(self, partitions: list[tuple[str, int]]) -> None:
         """Restore the window state of the assigned input partitions from the changelog."""
         mine = [p for t, p in partitions if t == self._input_topic]
-        await self._store.restore(mine)
-        for p in mine:
-            self._load(p)
+        await self._load(mine)
+        self._owned.update(mine)
         log.info("windows restored", partitions=mine, open_windows=self.engine.open_windows())
         self._gauge()
 
     async def on_revoke(self, partitions: list[tuple[str, int]]) -> None:
         """Forget the state of revoked partitions."""
         mine = [p for t, p in partitions if t == self._input_topic]
-        self._store.drop(mine)
+        self._owned.difference_update(mine)
         for p in mine:
             self.engine.drop_partition(p)
         self._gauge()
@@ -76,18 +85,20 @@ class AggregationProcessor:
         if self._sink is not None:
             self._sink.discard()
         for p in self.engine.partitions:
-            self.engine.changes(p)
-        await self._store.reload()
-        for p in self.engine.partitions:
             self.engine.drop_partition(p)
-        for p in sorted(self._store.partitions):
-            self._load(p)
+        await self._load(sorted(self._owned))
         log.warning("transaction aborted: window state reloaded", open_windows=self.engine.open_windows())
         self._gauge()
 
-    def _load(self, partition: int) -> None:
-        entries = ((k.encode(), v) for k, v in self._store.items(partition))
-        self.engine.restore_partition(partition, entries)
+    async def _load(self, partitions: list[int]) -> None:
+        """Read the partitions' changelog into the engine (the store keeps no copy)."""
+        store = self._store
+        await store.restore(partitions)
+        try:
+            for p in partitions:
+                self.engine.restore_partition(p, ((k.encode(), v) for k, v in store.items(p)))
+        finally:
+            store.drop(partitions)
 
     # ---- records and timers ------------------------------------------------------------------------
     async def process(self, batch: list[InRecord]) -> BatchResult:
@@ -148,15 +159,11 @@ class AggregationProcessor:
         """Insert the transaction's rows into ClickHouse, then hand over the state changes."""
         if self._sink is not None and self._sink.pending:
             await asyncio.to_thread(self._sink.flush)
-        store = self._store
-        for p in self.engine.partitions:
-            for key, value in self.engine.changes(p):
-                name = key.decode()
-                if value is None:
-                    store.delete(p, name)
-                else:
-                    store.put(p, name, value)
-        return BatchResult(outputs=store.pending_changes())
+        topic = self._store.topic
+        engine = self.engine
+        return BatchResult(outputs=[
+            OutRecord(topic, key, value, p) for p in engine.partitions for key, value in engine.changes(p)
+        ])
 
     def _emit(self, bars: list[Bar], result: BatchResult) -> None:
         if not bars:

@@ -50,6 +50,7 @@ async def build_processor(context: ServiceContext) -> AggregationProcessor:
         store=store,
         sink=sink,
         metrics=context.metrics,
+        changelog_format=opts.changelog_format,
     )
 
 

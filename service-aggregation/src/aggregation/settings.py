@@ -8,7 +8,7 @@ from dataproc_shared.config import Settings
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_settings import NoDecode
 
-from aggregation.transform import Interval, WindowConfig
+from aggregation.transform import ChangelogFormat, Interval, WindowConfig
 
 
 class AggregationOptions(BaseModel):
@@ -26,6 +26,10 @@ class AggregationOptions(BaseModel):
     idle_timeout_ms: int = Field(default=30_000, ge=100, le=86_400_000)
     #: Updates of open bars are emitted at most this often per partition (hence per bar).
     update_interval_ms: int = Field(default=1_000, ge=0, le=3_600_000)
+    #: How the open windows are written to the state changelog: `instrument` (one entry per
+    #: instrument) or `window` (one per window, the format before; for a staged upgrade, see
+    #: docs/runtime.md). Both are read whatever this says.
+    changelog_format: ChangelogFormat = "instrument"
     #: Write bars (and late trades) to ClickHouse.
     clickhouse_enabled: bool = True
     #: Apply the ClickHouse migrations at start (the owner of the embedded engine does).

@@ -25,18 +25,31 @@ bars (same content, same version).
 trade without `seq` sorts before trades with one at the same `ts`; arrival order is the input offset.
 
 The engine's state per partition is written to, and restored from, a compacted changelog as
-key/value pairs (`changes`, `restore_partition`): one entry per open window (deleted when it closes)
-and one entry with the partition's watermark and idle-closed windows.
+key/value pairs (`changes`, `restore_partition`): one entry with the partition's watermark and
+idle-closed windows (`meta`), and the open windows in one of two formats (`ChangelogFormat`):
+
+- `instrument` (the default): one entry per instrument, key `i|<instrument_id>`, holding all of its
+  open windows (every interval) in a small binary value (`encode_instrument_state`); written once
+  per cycle for each instrument a record touched or a window of which closed, a tombstone when its
+  last window closed. A trade touches one entry instead of one per interval.
+- `window` (the format before): one entry per open window, key `w|<instrument_id>|<interval>|<start>`,
+  a JSON value; a tombstone when the window closes.
+
+`restore_partition` reads both. Entries in the format the engine does not write are converted on
+the next `changes`: the instruments they hold are written in the engine's format and the foreign
+keys get tombstones, in the same transaction, so a changelog switches formats (either way) without
+a gap and compaction drops the old entries.
 """
 
 from __future__ import annotations
 
 import heapq
 import re
+import struct
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import orjson
 
@@ -49,6 +62,10 @@ _INTERVAL_RE = re.compile(r"^([1-9][0-9]*)(ms|s|m|h|d)$")
 #: Changelog key of a partition's metadata entry (watermark, idle-closed windows).
 META_KEY = b"meta"
 _WINDOW_PREFIX = b"w|"
+_INSTRUMENT_PREFIX = b"i|"
+
+#: How open windows are written to the changelog (see the module docstring); both are read.
+ChangelogFormat = Literal["instrument", "window"]
 
 #: Sort key of a trade inside a window: (ts_ns, has_seq, seq, offset).
 SortKey = tuple[int, int, int, int]
@@ -334,26 +351,132 @@ WinKey = tuple[str, str, int]  # (instrument_id, interval name, window start ns)
 
 
 def window_changelog_key(key: WinKey) -> bytes:
-    """Changelog key of one open window."""
+    """Changelog key of one open window (`window` format)."""
     return _WINDOW_PREFIX + f"{key[0]}|{key[1]}|{key[2]}".encode()
+
+
+def instrument_changelog_key(instrument_id: str) -> bytes:
+    """Changelog key of an instrument's open windows (`instrument` format)."""
+    return _INSTRUMENT_PREFIX + instrument_id.encode()
+
+
+#: First byte of an `instrument` format value (the value format's version).
+_INSTRUMENT_STATE_V1 = 1
+_U32 = struct.Struct("<I")
+# Per window: start, end, open, high, low, close, volume, pv, open_key (4), close_key (4), count,
+# max_ingest, off_from, off_to.
+_WINDOW_FIELDS = struct.Struct("<2q6d4q4q4q")
+
+
+def _put_str(parts: list[bytes], text: str) -> None:
+    raw = text.encode()
+    parts.append(_U32.pack(len(raw)))
+    parts.append(raw)
+
+
+def encode_instrument_state(windows: Collection[_Window]) -> bytes:
+    """`instrument` format value of one instrument's open windows (at least one).
+
+    Layout (little-endian): version byte 1; the strings instrument_id, venue, symbol, currency,
+    source_key (u32 length + UTF-8) of the first window; u32 window count; per window: a flag byte
+    (1: its own venue, symbol, currency, source_key follow, as when reference data changed between
+    the windows' first trades), the interval name (u32 + UTF-8) and `_WINDOW_FIELDS`. Floats are
+    stored bit for bit, so a restored window yields the very same bars.
+    """
+    it = iter(windows)
+    first = next(it)
+    parts: list[bytes] = [b"\x01"]
+    for text in (first.instrument_id, first.venue, first.symbol, first.currency, first.source_key):
+        _put_str(parts, text)
+    parts.append(_U32.pack(len(windows)))
+    pack = _WINDOW_FIELDS.pack
+    for w in (first, *it):
+        if (w.venue == first.venue and w.symbol == first.symbol and w.currency == first.currency
+                and w.source_key == first.source_key):
+            parts.append(b"\x00")
+        else:
+            parts.append(b"\x01")
+            for text in (w.venue, w.symbol, w.currency, w.source_key):
+                _put_str(parts, text)
+        _put_str(parts, w.interval)
+        ok, ck = w.open_key, w.close_key
+        parts.append(pack(w.start, w.end, w.open, w.high, w.low, w.close, w.volume, w.pv,
+                          ok[0], ok[1], ok[2], ok[3], ck[0], ck[1], ck[2], ck[3],
+                          w.count, w.max_ingest, w.off_from, w.off_to))
+    return b"".join(parts)
+
+
+def decode_instrument_state(raw: bytes) -> list[_Window]:
+    """The windows of an `encode_instrument_state` value; `BadStateError` when it is malformed."""
+    try:
+        if not raw or raw[0] != _INSTRUMENT_STATE_V1:
+            raise BadStateError(f"unknown instrument state version {raw[:1]!r}")
+        pos = 1
+
+        def text() -> str:
+            nonlocal pos
+            (n,) = _U32.unpack_from(raw, pos)
+            end = pos + 4 + n
+            if end > len(raw):
+                raise BadStateError("truncated string")
+            value = raw[pos + 4:end].decode()
+            pos = end
+            return value
+
+        instrument_id, venue, symbol, currency, source_key = text(), text(), text(), text(), text()
+        (count,) = _U32.unpack_from(raw, pos)
+        pos += 4
+        out: list[_Window] = []
+        for _ in range(count):
+            flag = raw[pos]
+            pos += 1
+            if flag == 0:
+                v, sy, cu, sk = venue, symbol, currency, source_key
+            elif flag == 1:
+                v, sy, cu, sk = text(), text(), text(), text()
+            else:
+                raise BadStateError(f"bad window flag {flag}")
+            interval = text()
+            f = _WINDOW_FIELDS.unpack_from(raw, pos)
+            pos += _WINDOW_FIELDS.size
+            w = _Window.__new__(_Window)
+            w.instrument_id, w.venue, w.symbol, w.currency, w.source_key = instrument_id, v, sy, cu, sk
+            w.interval = interval
+            (w.start, w.end, w.open, w.high, w.low, w.close, w.volume, w.pv) = f[:8]
+            w.open_key = (f[8], f[9], f[10], f[11])
+            w.close_key = (f[12], f[13], f[14], f[15])
+            w.count, w.max_ingest, w.off_from, w.off_to = f[16], f[17], f[18], f[19]
+            out.append(w)
+        if pos != len(raw):
+            raise BadStateError(f"{len(raw) - pos} trailing bytes")
+    except (struct.error, IndexError, UnicodeDecodeError) as exc:
+        raise BadStateError(f"bad instrument state: {exc}") from exc
+    return out
 
 
 class _Partition:
     """State of one input partition."""
 
-    __slots__ = ("changed", "closed_through", "dirty", "heap", "last_activity", "last_flush",
-                 "meta_changed", "watermark", "windows")
+    __slots__ = ("by_instrument", "changed", "closed", "closed_through", "dirty", "foreign", "heap",
+                 "last_activity", "last_flush", "meta_changed", "watermark", "windows")
 
     def __init__(self, now: int) -> None:
         self.watermark: int | None = None
         self.windows: dict[WinKey, _Window] = {}
+        # instrument -> its open windows (the same objects as in `windows`).
+        self.by_instrument: dict[str, dict[WinKey, _Window]] = {}
         # (window_end, key) of every open window; closing pops from the front.
         self.heap: list[tuple[int, WinKey]] = []
         # (instrument, interval) -> latest window start closed by the idle timer, kept only while
         # the watermark alone would not call that window closed.
         self.closed_through: dict[tuple[str, str], tuple[int, int]] = {}
         self.dirty: dict[WinKey, None] = {}
-        self.changed: dict[WinKey, None] = {}
+        # Instruments whose windows changed (a trade, a window closed) since the last `changes`.
+        self.changed: dict[str, None] = {}
+        # Windows closed since the last `changes` (their tombstones in the `window` format).
+        self.closed: list[WinKey] = []
+        # Restored keys of the format not written: tombstoned by the next `changes`.
+        self.foreign: list[bytes] = []
         self.meta_changed = False
         self.last_activity = now
         self.last_flush = now
@@ -362,8 +485,13 @@ class _Partition:
 class WindowEngine:
     """Tumbling event-time windows over trades, per input partition. See the module docstring."""
 
-    def __init__(self, config: WindowConfig, clock: Callable[[], int] = time.time_ns) -> None:
+    def __init__(self, config: WindowConfig, clock: Callable[[], int] = time.time_ns,
+                 changelog_format: ChangelogFormat = "instrument") -> None:
+        """`clock` gives wall-clock epoch ns; `changelog_format` is the format `changes` writes."""
+        if changelog_format not in ("instrument", "window"):
+            raise AggregationError(f"unknown changelog format {changelog_format!r}")
         self.config = config
+        self.changelog_format: ChangelogFormat = changelog_format
         self._clock = clock
         self._parts: dict[int, _Partition] = {}
         self._lateness = config.allowed_lateness_ns
@@ -385,11 +513,19 @@ class WindowEngine:
         return None if p is None else p.watermark
 
     def restore_partition(self, partition: int, entries: Iterable[tuple[bytes, bytes | None]]) -> None:
-        """(Re)build a partition's state from its changelog entries, latest value per key wins."""
+        """(Re)build a partition's state from its changelog entries, latest value per key wins.
+
+        Entries of both formats are read. Those of the format this engine does not write are
+        converted by the next `changes` (see the module docstring); where both formats hold the
+        same window, which only a changelog written outside the engine can do, this engine's wins.
+        """
         latest: dict[bytes, bytes | None] = {}
         for k, v in entries:
             latest[k] = v
         p = _Partition(self._clock())
+        native: dict[WinKey, _Window] = {}
+        foreign: dict[WinKey, _Window] = {}
+        writes_instruments = self.changelog_format == "instrument"
         for k, v in latest.items():
             if v is None:
                 continue
@@ -398,14 +534,30 @@ class WindowEngine:
                     meta = orjson.loads(v)
                     p.watermark = meta["wm"]
                     p.closed_through = {(i, n): (s, e) for i, n, s, e in meta["closed"]}
+                    continue
+                if k.startswith(_INSTRUMENT_PREFIX):
+                    windows = decode_instrument_state(v)
+                    is_native = writes_instruments
                 elif k.startswith(_WINDOW_PREFIX):
-                    w = _Window.from_json(v)
-                    key = (w.instrument_id, w.interval, w.start)
-                    p.windows[key] = w
+                    windows = [_Window.from_json(v)]
+                    is_native = not writes_instruments
                 else:
                     raise BadStateError(f"unknown changelog key {k!r}")
             except (ValueError, KeyError, TypeError) as exc:
                 raise BadStateError(f"bad changelog entry {k!r}: {exc}") from exc
+            target = native if is_native else foreign
+            for w in windows:
+                target[(w.instrument_id, w.interval, w.start)] = w
+            if not is_native:
+                p.foreign.append(k)
+                for w in windows:
+                    p.changed[w.instrument_id] = None
+        p.windows = foreign | native if foreign else native
+        for key, w in p.windows.items():
+            group = p.by_instrument.get(key[0])
+            if group is None:
+                group = p.by_instrument[key[0]] = {}
+            group[key] = w
         p.heap = sorted((w.end, key) for key, w in p.windows.items())
         self._parts[partition] = p
 
@@ -414,15 +566,29 @@ class WindowEngine:
         self._parts.pop(partition, None)
 
     def changes(self, partition: int) -> list[tuple[bytes, bytes | None]]:
-        """Changelog entries for everything changed on `partition` since the last call, then reset."""
+        """Changelog entries for everything changed on `partition` since the last call, then reset.
+
+        Coalesced: one entry per key, with its latest value, whatever happened in between.
+        """
         p = self._parts.get(partition)
         if p is None:
             return []
-        out: list[tuple[bytes, bytes | None]] = []
-        for key in p.changed:
-            w = p.windows.get(key)
-            out.append((window_changelog_key(key), None if w is None else w.to_json()))
+        out: list[tuple[bytes, bytes | None]] = [(k, None) for k in p.foreign]
+        p.foreign.clear()
+        by_instrument = p.by_instrument
+        if self.changelog_format == "instrument":
+            for instrument in p.changed:
+                group = by_instrument.get(instrument)
+                out.append((_INSTRUMENT_PREFIX + instrument.encode(),
+                            None if group is None else encode_instrument_state(group.values())))
+        else:
+            out.extend((window_changelog_key(key), None) for key in p.closed)
+            for instrument in p.changed:
+                group = by_instrument.get(instrument)
+                if group is not None:
+                    out.extend((window_changelog_key(key), w.to_json()) for key, w in group.items())
         p.changed.clear()
+        p.closed.clear()
         if p.meta_changed:
             closed = [[i, n, s, e] for (i, n), (s, e) in p.closed_through.items()]
             meta = {"wm": p.watermark, "closed": closed}
@@ -454,6 +620,8 @@ class WindowEngine:
             instrument = tick.instrument_id
             seq = tick.seq
             sort_key = (ts_ns, 0 if seq is None else 1, seq or 0, tick.offset)
+            dirty = p.dirty
+            touched = False
             for name, length in self._intervals:
                 start = (ts_ns // length) * length
                 end = start + length
@@ -470,10 +638,16 @@ class WindowEngine:
                 if w is None:
                     w = windows[key] = _Window(tick, name, start, end)
                     heapq.heappush(p.heap, (end, key))
+                    group = p.by_instrument.get(instrument)
+                    if group is None:
+                        group = p.by_instrument[instrument] = {}
+                    group[key] = w
                 else:
                     w.add(tick, sort_key)
-                p.dirty[key] = None
-                p.changed[key] = None
+                dirty[key] = None
+                touched = True
+            if touched:
+                p.changed[instrument] = None
             if late:
                 result.late = LateTrade(tick, tuple(late), wm if wm is not None else ts_ns)
         if wm is None or ts_ns > wm:
@@ -491,11 +665,22 @@ class WindowEngine:
             w = p.windows.pop(key)
             out.append(w.bar(partition, final=True))
             p.dirty.pop(key, None)
-            p.changed[key] = None
+            self._forget(p, key)
         if p.closed_through:
             stale = [k for k, (_, end) in p.closed_through.items() if end + lateness < wm]
             for k in stale:
                 del p.closed_through[k]
+
+    @staticmethod
+    def _forget(p: _Partition, key: WinKey) -> None:
+        """Bookkeeping of a window closed (already removed from `p.windows`)."""
+        instrument = key[0]
+        group = p.by_instrument[instrument]
+        del group[key]
+        if not group:
+            del p.by_instrument[instrument]
+        p.changed[instrument] = None
+        p.closed.append(key)
 
     # ----------------------------------------------------------------- timers
     def flush_updates(self, partition: int | None = None, force: bool = False) -> list[Bar]:
@@ -537,7 +722,7 @@ class WindowEngine:
         for end, key in sorted(p.heap):
             w = p.windows.pop(key)
             out.append(w.bar(partition, final=True))
-            p.changed[key] = None
+            self._forget(p, key)
             ik = (key[0], key[1])
             prev = p.closed_through.get(ik)
             if prev is None or prev[0] < key[2]:
