@@ -27,7 +27,12 @@ Errors (librdkafka classes): retriable -> retry the call; abortable (`txn_requir
 fenced -> close the producer, create a new one (`init_transactions` again, which also fences/finishes
 our previous transaction), `on_abort`, rewind; after `MAX_PRODUCER_RESTARTS` restarts within
 `PRODUCER_RESTART_WINDOW_S` the loop raises `LoopFatalError` and the service exits non-zero for the
-orchestrator.
+orchestrator. A consumer that cannot go on (a fatal consumer error such as a static member fenced
+after a broker restart, or committed offsets that stay unreadable for the rewind) is replaced
+inside the loop: closed, every partition revoked from the processor, a new consumer with the same
+`group.instance.id` subscribed (its assignment restores state as usual); after
+`MAX_CONSUMER_RESTARTS` replacements within `CONSUMER_RESTART_WINDOW_S` the loop raises
+`LoopFatalError`.
 
 Transactional calls that reach the broker (`init_transactions`, `send_offsets_to_transaction`,
 `commit_transaction`, `abort_transaction`) run in the producer's own daemon thread with a deadline
@@ -147,8 +152,14 @@ ALIGN_LOOKUP_TIMEOUT_S = 5.0
 KEEPALIVE_MAX_S = 30.0
 #: How often a retriable error is retried before the cycle is aborted.
 RETRIES = 5
-#: Rewinds to the committed offsets tried after a rolled-back cycle before the loop gives up.
+#: Rewinds to the committed offsets tried after a rolled-back cycle before the consumer is replaced.
 REWIND_ATTEMPTS = 3
+#: Consumer replacements (fatal consumer error, committed offsets unreadable) tolerated within
+#: `CONSUMER_RESTART_WINDOW_S`; one more ends the loop (`LoopFatalError`).
+MAX_CONSUMER_RESTARTS = 3
+CONSUMER_RESTART_WINDOW_S = 300.0
+#: A consumer being replaced that has not closed after this long is left behind (kept referenced).
+CONSUMER_CLOSE_DEADLINE_S = 30.0
 
 _FENCED_CODES = frozenset({KafkaError._FENCED, KafkaError.PRODUCER_FENCED, KafkaError.INVALID_PRODUCER_EPOCH})
 
@@ -164,6 +175,13 @@ class LoopError(DataProcError):
 
 class LoopFatalError(LoopError):
     """The loop cannot continue (producer keeps failing fatally); the process should exit non-zero."""
+
+
+class _ConsumerFailed(LoopError):
+    """Internal: the consumer cannot go on (fatal consumer error, committed offsets unreadable).
+
+    The loop replaces it (`KafkaLoop._replace_consumer`) unless that happened too often already.
+    """
 
 
 class _CycleFailed(LoopError):
@@ -332,6 +350,9 @@ class KafkaLoop:
         self._assigned: set[TP] = set()
         self._events: list[tuple[RebalanceKind, list[TP]]] = []
         self._restarts: list[float] = []
+        self._consumer_restarts: list[float] = []
+        #: consumers whose close did not return while being replaced (kept referenced)
+        self._abandoned_consumers: list[tuple[Consumer, _CallRunner]] = []
         self._next_tick = 0.0
         self._next_lag = 0.0
         self._failures = 0
@@ -373,7 +394,10 @@ class KafkaLoop:
         self._next_tick = time.monotonic() + self._opts.tick_interval_ms / 1000
         try:
             while not stop.is_set():
-                await self._cycle()
+                try:
+                    await self._cycle()
+                except _ConsumerFailed as exc:
+                    await self._replace_consumer(str(exc))
         finally:
             await self._close()
 
@@ -381,6 +405,10 @@ class KafkaLoop:
 
     def _start_clients(self) -> None:
         self._producer = self._new_producer()
+        self._consumer = self._new_consumer()
+        log.info("loop started", service=self._service, topics=self._topics, guarantee=self._opts.guarantee)
+
+    def _new_consumer(self) -> Consumer:
         conf = consumer_config(self._settings, **{
             "partition.assignment.strategy": "range",
             # Static membership: a restarted instance takes its partitions back without waiting for
@@ -390,8 +418,54 @@ class KafkaLoop:
         consumer = Consumer({**conf, "error_cb": self._cb_consumer_error})
         consumer.subscribe(self._topics, on_assign=self._cb_assign, on_revoke=self._cb_revoke,
                            on_lost=self._cb_lost)
-        self._consumer = consumer
-        log.info("loop started", service=self._service, topics=self._topics, guarantee=self._opts.guarantee)
+        return consumer
+
+    async def _replace_consumer(self, reason: str) -> None:
+        """Close the consumer and subscribe a new one, as a restarted process would.
+
+        For a consumer that cannot go on: a fatal error (librdkafka fences its own static member
+        that rejoined after a session timeout during a broker restart) or committed offsets that
+        stay unreadable for the rewind. No transaction is open (the failure ends a cycle before
+        `begin_transaction`, or after its abort). The processor hears of the revocation of every
+        partition; the new consumer (same `group.instance.id`: it takes the member's place at once)
+        gets its assignment through the usual rebalance path: paused, `on_assign` (state restore)
+        and resumed, positions from the committed offsets. More than `MAX_CONSUMER_RESTARTS`
+        replacements within `CONSUMER_RESTART_WINDOW_S`: `LoopFatalError` (the process exits).
+        """
+        now = time.monotonic()
+        self._consumer_restarts = [t for t in self._consumer_restarts
+                                   if now - t < CONSUMER_RESTART_WINDOW_S] + [now]
+        if len(self._consumer_restarts) > MAX_CONSUMER_RESTARTS:
+            raise LoopFatalError(f"{reason} (consumer replaced {len(self._consumer_restarts) - 1} times "
+                                 f"within {CONSUMER_RESTART_WINDOW_S:.0f}s)")
+        log.warning("replacing the consumer", service=self._service, reason=reason[:500],
+                    replacements=len(self._consumer_restarts))
+        old, self._consumer = self._consumer, None
+        if old is not None:
+            runner = _CallRunner(f"{self._service}-consumer-close")
+            try:
+                await self._beating(asyncio.to_thread(runner.call, old.close, CONSUMER_CLOSE_DEADLINE_S))
+                runner.stop()
+            except concurrent.futures.TimeoutError:
+                self._abandoned_consumers.append((old, runner))
+                log.warning("consumer left behind: close did not return", service=self._service,
+                            deadline_s=CONSUMER_CLOSE_DEADLINE_S)
+            except (KafkaException, RuntimeError) as exc:
+                runner.stop()
+                log.info("closing a failed consumer", service=self._service, error=str(exc))
+        del old
+        parts = sorted(self._assigned)
+        self._assigned.clear()
+        self._events.clear()
+        self._consumer_fatal = None
+        if parts:
+            self._metrics.rebalance("lost")
+            self._forget_alignment(parts)
+            self._metrics.forget_lag(parts)
+            await self._processor.on_revoke(parts)
+        self._listener.assigned(frozenset())
+        self._consumer = await asyncio.to_thread(self._new_consumer)
+        log.info("consumer replaced", service=self._service, revoked=parts)
 
     def _new_producer(self) -> Producer:
         overrides: dict[str, str | int | float | bool] = {"partitioner": "murmur2_random"}
@@ -497,7 +571,7 @@ class KafkaLoop:
     async def _cycle(self) -> None:
         consumer = self._c
         if self._consumer_fatal is not None:
-            raise LoopFatalError(f"consumer failed: {self._consumer_fatal}")
+            raise _ConsumerFailed(f"consumer failed: {self._consumer_fatal}")
         self._heartbeat()
         await self._backpressure()
         msgs = await asyncio.to_thread(self._consume, consumer)
@@ -586,7 +660,7 @@ class KafkaLoop:
             return
         if err.fatal() or err.code() == KafkaError._FATAL:
             # e.g. fenced by another consumer with the same group.instance.id
-            raise LoopFatalError(f"consumer failed: {err}")
+            raise _ConsumerFailed(f"consumer failed: {err}")
         log.warning("consume error", service=self._service, error=str(err))
 
     async def _process(self, records: list[InRecord]) -> BatchResult:
@@ -890,7 +964,9 @@ class KafkaLoop:
             await _REWIND_RETRY.run_async(lambda: self._beating(asyncio.to_thread(self._rewind)),
                                           between=resolve_group, log_fields={"service": self._service})
         except _CycleFailed as exc:
-            raise LoopFatalError(f"cannot rewind to the committed offsets: {exc}") from exc
+            # a consumer whose committed() keeps timing out against a healthy broker (seen after
+            # broker restarts): a new consumer starts from the committed offsets by itself
+            raise _ConsumerFailed(f"cannot rewind to the committed offsets: {exc}") from exc
 
     def _rewind(self) -> None:
         """Seek every assigned partition back to its committed offset (the start of the failed cycle).
@@ -927,7 +1003,7 @@ class KafkaLoop:
             err = msg.error()
             if err is not None and (err.fatal() or err.code() == KafkaError._FATAL):
                 # a fatal consumer error that arrived with the rebalance (e.g. static member fenced)
-                raise LoopFatalError(f"consumer failed: {err}")
+                raise _ConsumerFailed(f"consumer failed: {err}")
             topic, partition = msg.topic(), msg.partition()
             if msg.error() is None and topic is not None and partition is not None:
                 first_seen.setdefault((topic, partition), msg.offset() or 0)
