@@ -11,6 +11,7 @@ from aggregation import codec
 from aggregation.codec import BadTickError, bar_document, decode_tick, encode_bar
 from aggregation.transform import Bar
 from dataproc_shared import avro
+from dataproc_shared.avro_flat import read_long, write_long
 from dataproc_shared.errors import AvroError
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -104,6 +105,68 @@ def test_truncated_and_corrupt_messages_fail_alike() -> None:
     assert direct_tick(bad, 1, 5) == generic_tick(bad, 1, 5) == avro.DecodeError
     no_price = avro.encode(codec.ENRICHED_SCHEMA, {**record, "price": None})
     assert direct_tick(no_price, 1, 5) == generic_tick(no_price, 1, 5) == BadTickError
+
+
+@settings(max_examples=100, suppress_health_check=[HealthCheck.too_slow], deadline=None)
+@given(
+    base=enriched(),
+    changes=st.lists(st.tuples(
+        st.sampled_from(["I1", "I2", "\u00e9t\u00e9", "I1" * 40]),
+        st.sampled_from(["venue", "venue_symbol", "symbol", "asset_class", "currency", "tick_size",
+                         "multiplier", "venue_timezone", "kind", "price", "size", "bid", "seq", "ts_ns"]),
+        st.one_of(TEXT, DOUBLE, st.none(), LONG, st.sampled_from(["TRADE", "QUOTE"])),
+    ), min_size=1, max_size=30),
+)
+def test_a_stream_with_changing_reference_data_decodes_like_the_generic_decoder(
+    base: dict[str, Any], changes: list[tuple[str, str, Any]],
+) -> None:
+    """Ticks of a few instruments in a row (the reference-data prefix cache warm), each with one field
+    changed from the previous tick of its instrument: same ticks or errors as the generic decoder."""
+    state: dict[str, dict[str, Any]] = {}
+    for offset, (instrument, name, value) in enumerate(changes):
+        record = {**state.get(instrument, base), "instrument_id": instrument}
+        candidate = {**record, name: value}
+        try:
+            encoded = avro.encode(codec.ENRICHED_SCHEMA, candidate)
+            record = candidate
+        except (AvroError, TypeError, ValueError, OverflowError):
+            encoded = avro.encode(codec.ENRICHED_SCHEMA, record)  # a value of the wrong type: unchanged
+        state[instrument] = record
+        for value in (encoded, encoded[:-1], encoded[: len(encoded) // 2]):
+            assert_same_tick(direct_tick(value, 0, offset), generic_tick(value, 0, offset))
+
+
+def test_the_prefix_cache_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(codec, "_PREFIXES", {})
+    monkeypatch.setattr(codec, "_PREFIXES_MAX", 4)
+    record = {
+        "instrument_id": "X", "venue": "V", "venue_symbol": "S", "symbol": "S", "asset_class": "equity",
+        "currency": "USD", "tick_size": None, "multiplier": None, "venue_timezone": "UTC", "kind": "TRADE",
+        "ts_ns": 1, "seq": None, "trade_id": None, "price": 1.0, "size": 2.0, "bid": None, "ask": None,
+        "bid_size": None, "ask_size": None, "ingest_ns": 2, "source_partition": 0, "source_offset": 0,
+    }
+    for i in range(10):
+        value = avro.encode(codec.ENRICHED_SCHEMA, {**record, "instrument_id": f"I{i}"})
+        assert decode_tick(value, 0, i).instrument_id == f"I{i}"
+        assert decode_tick(value, 0, i).instrument_id == f"I{i}"
+        assert len(codec._PREFIXES) <= 4
+
+
+@settings(max_examples=500)
+@given(n=LONG, tail=st.binary(max_size=3))
+def test_read_long_ns_equals_read_long(n: int, tail: bytes) -> None:
+    raw = b"\x01" + write_long(n) + tail
+    assert codec.read_long_ns(raw, 1) == read_long(raw, 1) == (n, 1 + len(write_long(n)))
+    for cut in range(1, len(raw)):
+        try:
+            want: Any = read_long(raw[:cut], 1)
+        except IndexError as exc:
+            want = type(exc)
+        try:
+            got: Any = codec.read_long_ns(raw[:cut], 1)
+        except IndexError as exc:
+            got = type(exc)
+        assert got == want
 
 
 @st.composite

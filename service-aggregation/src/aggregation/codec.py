@@ -109,8 +109,39 @@ _unpack_double = struct.Struct("<d").unpack_from
 _HEADER_SIZE = avro.HEADER_SIZE
 
 
+#: Reference-data prefixes seen (see `_read_v1`), by the instrument id's raw bytes: (the prefix's
+#: bytes from the end of the header, the six strings decoded from it). Bounded; started over when full.
+_PREFIXES: dict[bytes, tuple[bytes, list[str]]] = {}
+_PREFIXES_MAX = 65_536
+
+
 def _read_v1(b: bytes, partition: int, offset: int) -> Tick:
-    """The `Tick` of a v1 body; the same checks as the generic decoder (every field is read)."""
+    """The `Tick` of a v1 body; the same checks as the generic decoder (every field is read).
+
+    The first nine fields (instrument id to venue time zone) are the instrument's reference data,
+    the same bytes in every tick of the instrument until that data changes: when the bytes at the
+    start of the body equal a prefix read before for the same instrument id, its strings are reused
+    instead of being decoded again (the bytes are compared in full, so any change reads anew).
+    """
+    n = b[_HEADER_SIZE]
+    if not n & 0x81:  # a non-negative one-byte length: look the prefix up by the id's bytes
+        start = _HEADER_SIZE + 1
+        cached = _PREFIXES.get(b[start:start + (n >> 1)])
+        if cached is not None and b.startswith(cached[0], _HEADER_SIZE):
+            strings = cached[1]
+            p = _HEADER_SIZE + len(cached[0])
+        else:
+            strings, p = _read_prefix(b)
+            if len(_PREFIXES) >= _PREFIXES_MAX:
+                _PREFIXES.clear()
+            _PREFIXES[b[start:start + (n >> 1)]] = (b[_HEADER_SIZE:p], strings)
+    else:
+        strings, p = _read_prefix(b)
+    return _read_rest(b, p, strings, partition, offset)
+
+
+def _read_prefix(b: bytes) -> tuple[list[str], int]:
+    """The six strings of the reference-data fields and the position after the venue time zone."""
     p = _HEADER_SIZE
     strings: list[str] = []
     for _ in range(6):  # instrument_id, venue, venue_symbol, symbol, asset_class, currency
@@ -140,12 +171,16 @@ def _read_v1(b: bytes, partition: int, offset: int) -> Tick:
     if p + n > len(b):
         raise ValueError("truncated string")
     b[p:p + n].decode()
-    p += n
+    return strings, p + n
+
+
+def _read_rest(b: bytes, p: int, strings: list[str], partition: int, offset: int) -> Tick:
+    """The fields after the reference data (kind to source offset), and the `Tick`."""
     kind, p = read_long(b, p)
     if kind < 0 or kind > 1:
         raise IndexError("enum index")
     is_trade = kind == 0
-    ts_ns, p = read_long(b, p)
+    ts_ns, p = read_long_ns(b, p)
     u = b[p]
     p += 1
     seq: int | None = None
@@ -166,6 +201,35 @@ def _read_v1(b: bytes, partition: int, offset: int) -> Tick:
         p += n
     elif u != 0:
         raise ValueError("invalid union index")
+    price: float | None
+    size: float | None
+    if b[p] == 2 and len(b) >= p + _TRADE_TAIL.size:
+        # the common trade: price and size present, the four quote fields null
+        u, price, u2, size, n1, n2, n3, n4 = _TRADE_TAIL.unpack_from(b, p)
+        if u2 == 2 and not (n1 | n2 | n3 | n4):
+            p += _TRADE_TAIL.size
+        else:
+            price, size, p = _read_doubles(b, p)
+    else:
+        price, size, p = _read_doubles(b, p)
+    ingest_ns, p = read_long_ns(b, p)
+    _, p = read_long(b, p)  # source_partition
+    _, p = read_long(b, p)  # source_offset
+    if is_trade and (price is None or size is None):
+        raise BadTickError("trade without price or size")
+    return Tick(strings[0], strings[1], strings[3], strings[5], is_trade, ts_ns, seq,
+                0.0 if price is None else price, 0.0 if size is None else size, ingest_ns, partition, offset,
+                strings[2], trade_id)
+
+
+
+
+#: price (union index 2, double), size (the same), bid, ask, bid_size, ask_size (union index 0).
+_TRADE_TAIL = struct.Struct("<BdBd4B")
+
+
+def _read_doubles(b: bytes, p: int) -> tuple[float | None, float | None, int]:
+    """Price and size of the six optional doubles (the quote's four are read and checked too)."""
     doubles: list[float | None] = []
     for _ in range(6):  # price, size, bid, ask, bid_size, ask_size
         u = b[p]
@@ -177,17 +241,26 @@ def _read_v1(b: bytes, partition: int, offset: int) -> Tick:
             doubles.append(None)
         else:
             raise ValueError("invalid union index")
-    ingest_ns, p = read_long(b, p)
-    _, p = read_long(b, p)  # source_partition
-    _, p = read_long(b, p)  # source_offset
-    price, size = doubles[0], doubles[1]
-    if is_trade and (price is None or size is None):
-        raise BadTickError("trade without price or size")
-    return Tick(strings[0], strings[1], strings[3], strings[5], is_trade, ts_ns, seq,
-                0.0 if price is None else price, 0.0 if size is None else size, ingest_ns, partition, offset,
-                strings[2], trade_id)
+    return doubles[0], doubles[1], p
 
 
+#: The continuation bits of the first eight bytes of a nine-byte varint.
+_CONTINUATION_8 = 0x8080808080808080
+
+
+def read_long_ns(b: bytes, p: int) -> tuple[int, int]:
+    """`read_long`, with a path without a per-byte loop for nine-byte varints (nanosecond times)."""
+    if len(b) > p + 8 and b[p + 8] < 0x80:
+        x = int.from_bytes(b[p:p + 8], "little")
+        if x & _CONTINUATION_8 == _CONTINUATION_8:
+            # Gather the eight 7-bit groups into 56 bits (the inverse of `write_long`'s spread).
+            x ^= _CONTINUATION_8
+            x = (x & 0x007F007F007F007F) | (x & 0x7F007F007F007F00) >> 1
+            x = (x & 0x00003FFF00003FFF) | (x & 0x3FFF00003FFF0000) >> 2
+            x = (x & 0x000000000FFFFFFF) | (x & 0x0FFFFFFF00000000) >> 4
+            n = x | b[p + 8] << 56
+            return (n >> 1) ^ -(n & 1), p + 9
+    return read_long(b, p)
 
 
 def bar_document(bar: Bar) -> dict[str, Any]:
