@@ -27,7 +27,7 @@ from aggregation.app import AggregationProcessor
 from aggregation.service import build_processor
 from aggregation.settings import AggregationSettings
 from aggregation.sink import BarSink
-from confluent_kafka import Producer
+from confluent_kafka import Consumer, Producer, TopicPartition
 from dataproc_shared import avro
 from dataproc_shared.clickhouse import ChdbClickHouse, ClickHouseError, QueryResult
 from dataproc_shared.config import kafka_common_config, load_settings
@@ -659,3 +659,51 @@ def test_a_changelog_of_the_previous_format_restores_after_an_upgrade(
     check_finals(bars, expected)
     # every window closed: nothing of the window state stays alive in the compacted topic
     assert set(live_changelog_keys(consume_all, topics["changelog"])) == {b"meta"}
+
+
+def committed_offset(bootstrap: str, group: str, topic: str, partition: int) -> int:
+    """The group's committed offset of one partition (-1001 when none)."""
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False})
+    try:
+        [tp] = consumer.committed([TopicPartition(topic, partition)], timeout=10)
+        return int(tp.offset)
+    finally:
+        consumer.close()
+
+
+def test_final_bar_commits_with_the_record_that_moves_the_watermark_past_the_close(
+    setup: tuple[Service, Feed, dict[str, str]], consume_all: Callable[..., list[InRecord]],
+    kafka_bootstrap: str,
+) -> None:
+    """The final bar is decided per record: it commits in the same transaction as the input offset of
+    the record whose event time passes `window_end + allowed_lateness` - no later cycle, timer or
+    idle close is needed (the idle timeout here is an hour)."""
+    service, feed, topics = setup
+    group = service.env["DATA_PROC_KAFKA__GROUP_ID"]
+    lateness = 2 * NS
+    start = (BASE // (300 * NS) + 1) * 300 * NS  # the first minute of a 5-minute window
+    service.start()
+    # trades in the minute [start, start + 60 s) on partition 0 (two instruments) and partition 1
+    for i in range(6):
+        feed.send("XNYM", "CLZ6", 0, start + (1 + 9 * i) * NS, price=70.0 + i, size=1.0)
+        feed.send("XCME", "ESZ6", 0, start + (2 + 9 * i) * NS, price=5000.0 - i, size=2.0)
+        feed.send("XNYM", "NGZ6", 1, start + (3 + 9 * i) * NS, price=3.0 + i / 10, size=5.0)
+    # the watermark reaches the close (window end + lateness) but does not pass it
+    at_close = feed.send("XNYM", "CLZ6", 0, start + 60 * NS + lateness, kind="QUOTE")
+    feed.flush()
+    wait_until(lambda: committed_offset(kafka_bootstrap, group, topics["enriched"], 0) > at_close, 120,
+               lambda: "input not committed: " + service.log_path.read_text()[-3000:])
+    assert count_finals(consume_all, topics["bars"]) == 0
+
+    closing = feed.send("XNYM", "CLZ6", 0, start + 60 * NS + lateness + 1, kind="QUOTE")
+    feed.flush()
+    wait_until(lambda: committed_offset(kafka_bootstrap, group, topics["enriched"], 0) > closing, 120,
+               lambda: "closing record not committed: " + service.log_path.read_text()[-3000:])
+    # read_committed right after the offset commit: the final bars of partition 0's minute are there
+    finals = [b for b in bars_on_topic(consume_all, topics["bars"]) if b["is_final"]]
+    assert sorted((b["instrument_id"], b["interval"], b["window_start_ms"]) for b in finals) == [
+        ("CLZ6.XNYM", "1m", start // 1_000_000), ("ESZ6.XCME", "1m", start // 1_000_000)]
+    assert {b["trade_count"] for b in finals} == {6}
+    # partition 1's watermark did not move: its minute stays open; the 5-minute windows too
+    assert service.proc is not None
+    assert service.proc.poll() is None

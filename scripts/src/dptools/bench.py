@@ -13,9 +13,11 @@
 4. Open loop at fixed shares of the drain rate: ticks are sent on a fixed schedule whatever the
    pipeline does (event time = scheduled send time, so latency is measured from when a tick was due,
    without coordinated omission); every tick write announced on Redis `md:updates` gives one
-   tick -> Redis latency sample; every final bar announced gives the delay from its window's close
-   (window end + allowed lateness) to its final bar in Redis (ClickHouse is written before the bars
-   topic commits, hence before Redis).
+   tick -> Redis latency sample; every final bar added to a Redis history set (`md:bars:...`, one
+   announcement per final bar) gives the delay from its window's close (window end + allowed
+   lateness) to its final bar in Redis (ClickHouse is written before the bars topic commits, hence
+   before Redis). Windows whose close lies after the phase's last tick can only close by the idle
+   timer and are counted apart (`final_bars_closed_after_feed`).
 5. CPU microseconds per tick and peak RSS of every process.
 
 Writes `bench-results/bench-<time>.json` and `.png`. Needs `make up` and the reference data loaded.
@@ -236,46 +238,116 @@ def run_relay_chain(bootstrap: str, raw: str, n: int, run_id: str, base_env: dic
     return result
 
 
+_UNIT_NS = {"s": 10**9, "m": 60 * 10**9, "h": 3600 * 10**9}
+
+
+@dataclass(frozen=True, slots=True)
+class FinalBarSeen:
+    """A final bar announced on the updates channel: its interval, window close and when it was seen."""
+
+    interval: str
+    #: window end + allowed lateness (ns): when the watermark may close the window
+    close_ns: int
+    seen_ns: int
+
+
+def final_bar_seen(data: dict[str, Any], now_ns: int, lateness_ns: int) -> FinalBarSeen | None:
+    """The `FinalBarSeen` of an announcement of the final-bar history set, else None.
+
+    Only `bars` announcements count: the projection writes one for every final bar, while the
+    latest-bar hash (`bar`) skips a final bar that a newer window's update of the same instrument and
+    interval supersedes in the same batch - which is the case for most final bars, since the trade that
+    closes a window usually opens the next one.
+    """
+    if data.get("type") != "bars" or not data.get("is_final"):
+        return None
+    interval = str(data["interval"])
+    length = int(interval[:-1]) * _UNIT_NS[interval[-1]]
+    end = int(data["window_start"]) * 10**6 + length
+    return FinalBarSeen(interval, end + lateness_ns, now_ns)
+
+
+def final_bar_delays(seen: list[FinalBarSeen], since_ns: int, feed_end_ns: int
+                     ) -> tuple[dict[str, list[float]], dict[str, int]]:
+    """Window close -> final bar delays (ms) per interval of the bars the watermark closed during the feed.
+
+    `since_ns`: windows whose close is before it closed before the phase began and are skipped.
+    `feed_end_ns`: event time of the phase's last tick. A window whose close is after it cannot be
+    closed by the watermark (no later event time arrives): the idle timer closes it, at a wall-clock
+    time unrelated to its close. Those are counted apart (`after_feed`), as are windows closed before
+    their close time (`before_close`: the idle timer again).
+    """
+    delays: dict[str, list[float]] = {}
+    apart = {"after_feed": 0, "before_close": 0}
+    for bar in seen:
+        if bar.close_ns < since_ns:
+            continue
+        if bar.close_ns > feed_end_ns:
+            apart["after_feed"] += 1
+        elif bar.seen_ns < bar.close_ns:
+            apart["before_close"] += 1
+        else:
+            delays.setdefault(bar.interval, []).append((bar.seen_ns - bar.close_ns) / 1e6)
+    return delays, apart
+
+
 class UpdateListener:
-    """Collects tick -> Redis latencies and window-close -> final bar delays from `md:updates`."""
+    """Collects tick -> Redis latencies and final bars from the projection's updates channel.
+
+    Reads whole messages only (waits for data, then reads a message without a timeout: a read timeout
+    in the middle of a message would lose the connection's framing). A connection error reconnects
+    and is counted in `errors` (announcements sent meanwhile are lost).
+    """
 
     def __init__(self, redis_url: str, channel: str, lateness_ms: int) -> None:
         import redis  # local import: only the open-loop phase needs it
 
         self._client = redis.Redis.from_url(redis_url)
-        self._pubsub = self._client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
-        self._pubsub.subscribe(channel)
+        self._channel = channel
+        self._pubsub = self._subscribe()
         self._lateness_ns = lateness_ms * 10**6
         self.tick_latency_ms: list[float] = []
-        self.bar_delay_ms: list[float] = []
-        #: final bars announced before their window's close time: closed by the idle timeout (wall
-        #: clock), not by the watermark; counted apart, they say nothing about the close delay
-        self.idle_closed = 0
+        self.final_bars: list[FinalBarSeen] = []
+        self.errors = 0
         self.recording = False
-        #: only windows ending after this (ns) count: earlier ones closed before the open loop began
-        self.since_ns = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
+    def _subscribe(self) -> Any:
+        pubsub = self._client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
+        pubsub.subscribe(self._channel)
+        return pubsub
+
     def _run(self) -> None:
-        units = {"s": 10**9, "m": 60 * 10**9, "h": 3600 * 10**9}
+        import redis
+
         while not self._stop.is_set():
-            msg = self._pubsub.get_message(timeout=0.2)
+            try:
+                conn = self._pubsub.connection
+                if conn is None or not conn.can_read(timeout=0.2):
+                    continue
+                msg = self._pubsub.get_message(timeout=None)
+            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError):
+                self.errors += 1
+                time.sleep(0.2)
+                try:
+                    self._pubsub.close()
+                    self._pubsub = self._subscribe()
+                except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError):
+                    pass
+                continue
             if not msg or not self.recording:
                 continue
             now = time.time_ns()
             data = json.loads(msg["data"])
-            if data.get("type") == "tick" and "ts" in data:
+            kind = data.get("type")
+            if kind == "tick" and "ts" in data:
                 self.tick_latency_ms.append((now - int(data["ts"])) / 1e6)
-            elif data.get("type") == "bar" and data.get("is_final"):
-                length = int(data["interval"][:-1]) * units[data["interval"][-1]]
-                end = int(data["window_start"]) * 10**6 + length
-                if end >= self.since_ns:
-                    if now < end + self._lateness_ns:
-                        self.idle_closed += 1
-                    else:
-                        self.bar_delay_ms.append((now - end - self._lateness_ns) / 1e6)
+            elif kind == "bars":
+                bar = final_bar_seen(data, now, self._lateness_ns)
+                if bar is not None:
+                    self.final_bars.append(bar)
 
     def close(self) -> None:
         """Stop listening."""
@@ -285,15 +357,15 @@ class UpdateListener:
 
 
 def open_loop(bootstrap: str, topic: str, rate: float, seconds: float, instruments_dsn: str,
-              seed: int) -> int:
-    """Send ticks on a fixed schedule (event time = due time); returns how many were sent."""
+              seed: int) -> tuple[int, int]:
+    """Send ticks on a fixed schedule (event time = due time); returns how many, and the last due time."""
     instruments = load_instruments_from_postgres(instruments_dsn)
     count = int(rate * seconds)
     cfg = GeneratorConfig(count=count, seed=seed, start_ns=0, step_ns=1, quote_share=0.4,
                           timestamp_style="ns")
     producer = Producer({"bootstrap.servers": bootstrap, "partitioner": "murmur2_random", "linger.ms": 1,
                          "enable.idempotence": True})
-    start = time.time_ns() + 200_000_000
+    start = due = time.time_ns() + 200_000_000
     for i, tick in enumerate(generate(instruments, cfg)):
         due = start + int(i * 1e9 / rate)
         delay = (due - time.time_ns()) / 1e9
@@ -305,7 +377,25 @@ def open_loop(bootstrap: str, topic: str, rate: float, seconds: float, instrumen
         producer.produce(topic, key=tick.key, value=json.dumps(body).encode())
         producer.poll(0)
     producer.flush(60)
-    return count
+    return count, due
+
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def phase_figures(before: tuple[float, Samples], after: tuple[float, Samples], ticks: int,
+                  seconds: float) -> dict[str, float]:
+    """A service's CPU per tick, committed cycles per second and mean batch size over one phase."""
+    (cpu0, m0), (cpu1, m1) = before, after
+
+    def delta(name: str, **labels: str) -> float:
+        return metric(m1, name, **labels) - metric(m0, name, **labels)
+
+    cycles = delta("dp_transactions_total", outcome="committed")
+    batches = delta("dp_batch_size_count")
+    return {"cpu_us_per_tick": (cpu1 - cpu0) / ticks * 1e6 if ticks else 0.0,
+            "cycles_per_s": cycles / seconds if seconds else 0.0,
+            "mean_batch": delta("dp_batch_size_sum") / batches if batches else 0.0}
 
 
 def percentiles(values: list[float]) -> dict[str, float]:
@@ -422,17 +512,28 @@ def main(argv: list[str] | None = None) -> int:
             rate = share * drain_rate
             print(f"open loop at {share:.0%} of the drain rate ({rate:.0f} ticks/s) ...", flush=True)
             listener.tick_latency_ms.clear()
-            listener.bar_delay_ms.clear()
-            listener.idle_closed = 0
-            listener.since_ns = time.time_ns()
+            listener.final_bars.clear()
+            errors = listener.errors
+            before = {s: (cpu_seconds(pids[s]), scrape(url(s))) for s in SERVICES}
+            since_ns = time.time_ns()
             listener.recording = True
-            sent = open_loop(bootstrap, names["RAW"], rate, args.open_loop_seconds, dsn, int(share * 100))
+            sent, feed_end_ns = open_loop(bootstrap, names["RAW"], rate, args.open_loop_seconds, dsn,
+                                          int(share * 100))
             pipe.wait_drained(timeout=300, settle=2)
             listener.recording = False
+            phase_s = (time.time_ns() - since_ns) / 1e9
+            by_interval, apart = final_bar_delays(listener.final_bars, since_ns, feed_end_ns)
+            delays = [d for values in by_interval.values() for d in values]
             entry = {"share_of_drain": share, "rate": rate, "sent": sent,
                      "tick_to_redis_ms": percentiles(listener.tick_latency_ms),
-                     "window_close_to_final_bar_ms": percentiles(listener.bar_delay_ms),
-                     "final_bars_closed_idle": listener.idle_closed}
+                     "window_close_to_final_bar_ms": percentiles(delays),
+                     "window_close_to_final_bar_ms_by_interval": {
+                         k: percentiles(v) for k, v in sorted(by_interval.items())},
+                     "final_bars_closed_after_feed": apart["after_feed"],
+                     "final_bars_closed_before_close": apart["before_close"],
+                     "listener_errors": listener.errors - errors,
+                     "services": {s: phase_figures(before[s], (cpu_seconds(pids[s]), scrape(url(s))), sent,
+                                                   phase_s) for s in SERVICES}}
             results["open_loop"].append(entry)
             print(f"  tick->redis {entry['tick_to_redis_ms']}", flush=True)
             print(f"  window close->final bar {entry['window_close_to_final_bar_ms']}", flush=True)
