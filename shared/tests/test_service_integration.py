@@ -77,6 +77,14 @@ async def test_serve_runs_the_loop_with_health_metrics_and_ticks(
     assert 'dp_transactions_total{outcome="committed",service="svcint"}' in text
     assert 'dp_rebalances_total{kind="assign",service="svcint"}' in text
     assert sorted(processor.assigned) == [(source, 0), (source, 1)]
+    # every step of the committed cycles is timed: 30 records in batches of at most 7
+    registry = contexts[0].metrics.registry
+    steps = {step: registry.get_sample_value("dp_cycle_step_seconds_count",
+                                             {"service": "svcint", "step": step}) or 0.0
+             for step in ("consume", "process", "produce", "before_commit", "send_offsets", "commit")}
+    assert min(steps.values()) >= 5, steps
+    assert (registry.get_sample_value("dp_cycle_step_seconds_sum", {"service": "svcint", "step": "commit"})
+            or 0.0) > 0
 
     stop.set()
     assert await asyncio.wait_for(task, 30) == (0, False)

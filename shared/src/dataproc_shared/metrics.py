@@ -29,6 +29,10 @@ from prometheus_client.metrics import MetricWrapperBase
 LATENCY_BUCKETS: tuple[float, ...] = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 )
+#: Buckets of one step of the loop's cycle, in seconds, 0.1 ms to 10 s.
+STEP_BUCKETS: tuple[float, ...] = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
+)
 #: Records-per-batch buckets.
 BATCH_SIZE_BUCKETS: tuple[float, ...] = (1, 5, 10, 25, 50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000)
 #: Content type of `ServiceMetrics.render()`.
@@ -51,6 +55,9 @@ class ServiceMetrics:
         self.dead_letters = c("dp_dead_letters_total", "Records dead-lettered.", ["reason"])
         self.duplicates = c("dp_duplicates_total", "Records dropped as duplicates.")
         self.batch_size = h("dp_batch_size", "Records per processed batch.", buckets=BATCH_SIZE_BUCKETS)
+        self.cycle_step_seconds = h(
+            "dp_cycle_step_seconds", "Wall time of one step of a loop cycle (consume wait, process, "
+            "produce, before_commit, send_offsets, commit).", ["step"], buckets=STEP_BUCKETS)
         self.processing_seconds = h(
             "dp_processing_seconds", "Wall time to process one batch (transform + produce + commit)."
         )

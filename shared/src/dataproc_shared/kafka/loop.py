@@ -574,13 +574,17 @@ class KafkaLoop:
             raise _ConsumerFailed(f"consumer failed: {self._consumer_fatal}")
         self._heartbeat()
         await self._backpressure()
+        waited = time.perf_counter()
         msgs = await asyncio.to_thread(self._consume, consumer)
+        started = time.perf_counter()
+        if msgs:
+            # the wait that ended with records (idle waits say nothing about latency)
+            self._metrics.step("consume", started - waited)
         if self._events:
             await self._handle_rebalance(msgs)
             return
         batch = self._to_batch(msgs)
         result = BatchResult()
-        started = time.perf_counter()
         if batch.records:
             self._metrics.consumed(batch.records)
             result = await self._process(batch.records)
@@ -588,6 +592,8 @@ class KafkaLoop:
         if now >= self._next_tick:
             self._next_tick = now + self._opts.tick_interval_ms / 1000
             result.extend(await self._processor.on_tick())
+        if batch.records:
+            self._metrics.step("process", time.perf_counter() - started)
         cycles = self.committed_cycles
         if batch.records or result.outputs or result.dead_letters or result.audit:
             await self._commit_cycle(batch, result, started)
@@ -705,17 +711,23 @@ class KafkaLoop:
         produced = _Produced(audit_in_txn=self._exactly_once and self._audit is not None
                              and self._audit.kafka_topic is not None)
         self._delivery_errors = []
+        step = time.perf_counter()
         if self._exactly_once:
             await asyncio.to_thread(self._retry, producer.begin_transaction, "begin_transaction")
         records = self._collect(batch, result, produced, failed_at)
         await asyncio.to_thread(self._produce_all, records)
+        sink = time.perf_counter()
+        producing = sink - step
         try:
             extra = await self._guarded(self._processor.before_commit(), "before_commit")
         except Exception as exc:
             raise _CycleFailed("abortable", f"before_commit: {exc!r}") from exc
+        step = time.perf_counter()
+        self._metrics.step("before_commit", step - sink)
         extra_records = self._collect(batch, extra, produced, failed_at)
         audit_records = self._audit_records(batch, produced)
         await asyncio.to_thread(self._produce_all, extra_records + audit_records)
+        self._metrics.step("produce", producing + time.perf_counter() - step)
         if self._events:
             # A keep-alive poll served a rebalance: the partitions may have a new owner already,
             # which must not see this cycle half-way. Roll back; the next cycle applies the change.
@@ -867,12 +879,17 @@ class KafkaLoop:
 
     def _commit_transaction(self, offsets: list[TopicPartition]) -> None:
         producer, consumer = self._p, self._c
+        step = time.perf_counter()
         if offsets:
             metadata = consumer.consumer_group_metadata()
             self._retry(lambda: producer.send_offsets_to_transaction(offsets, metadata, TXN_CALL_TIMEOUT_S),
                         "send_offsets_to_transaction", deadline=True)
+            sent = time.perf_counter()
+            self._metrics.step("send_offsets", sent - step)
+            step = sent
         self._retry(lambda: producer.commit_transaction(TXN_CALL_TIMEOUT_S), "commit_transaction",
                     deadline=True)
+        self._metrics.step("commit", time.perf_counter() - step)
 
     def _flush_and_commit(self, offsets: list[TopicPartition]) -> None:
         producer, consumer = self._p, self._c
@@ -1282,6 +1299,10 @@ class _Metrics:
 
     def __init__(self, metrics: ServiceMetrics) -> None:
         self._m = metrics
+
+    def step(self, name: str, seconds: float) -> None:
+        """Wall time of one step of a cycle (`dp_cycle_step_seconds`)."""
+        self._m.child(self._m.cycle_step_seconds, step=name).observe(seconds)
 
     def consumed(self, records: list[InRecord]) -> None:
         counts: dict[str, int] = {}
