@@ -203,5 +203,17 @@ def test_bars_that_do_not_fit_are_encode_errors() -> None:
             avro.encode(codec.BAR_SCHEMA, bar_document(bad))
 
 
+def test_the_bar_prefix_cache_is_bounded_and_keyed_by_every_string(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(codec, "_BAR_PREFIXES", {})
+    monkeypatch.setattr(codec, "_BAR_PREFIXES_MAX", 3)
+    good = Bar("I", "V", "S", "USD", "1m", 0, 60_000_000_000, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1, True, 2, 0, 0,
+               0, 0, 0, 0)
+    for i in range(8):
+        for name in ("instrument_id", "venue", "symbol", "currency", "interval"):
+            bar = Bar(**{**_fields(good), name: f"x{i}"})
+            assert encode_bar(bar) == avro.encode(codec.BAR_SCHEMA, bar_document(bar))
+            assert len(codec._BAR_PREFIXES) <= 3
+
+
 def _fields(bar: Bar) -> dict[str, Any]:
     return {name: getattr(bar, name) for name in bar.__slots__}

@@ -317,22 +317,37 @@ _BAR_V1_LAYOUT: tuple[tuple[str, Any], ...] = (
 _pack_6_doubles = struct.Struct("<6d").pack
 
 
-def _write_v1(b: Bar) -> bytes:
+#: Header and the five leading strings of `bar.v1` messages, by (instrument, venue, symbol, currency,
+#: interval): the same for every emission of a bar. Bounded; started over when full.
+_BAR_PREFIXES: dict[tuple[str, str, str, str, str], bytes] = {}
+_BAR_PREFIXES_MAX = 65_536
+
+
+def _bar_prefix(key: tuple[str, str, str, str, str]) -> bytes:
     parts = [_BAR_V1_HEADER or b""]
-    append = parts.append
-    for text in (b.instrument_id, b.venue, b.symbol, b.currency, b.interval):
+    for text in key:
         raw = text.encode()
-        append(write_long(len(raw)))
-        append(raw)
-    append(write_long(b.window_start_ns // NS_PER_MS))
-    append(write_long(b.window_end_ns // NS_PER_MS))
-    append(_pack_6_doubles(b.open, b.high, b.low, b.close, b.volume, b.vwap))
-    append(write_long(b.trade_count))
-    append(b"\x01" if b.is_final else b"\x00")
-    for n in (b.version, b.first_ts_ns, b.last_ts_ns, b.max_ingest_ns, b.source_partition, b.offset_from,
-              b.offset_to):
-        append(write_long(n))
-    return b"".join(parts)
+        parts.append(write_long(len(raw)))
+        parts.append(raw)
+    prefix = b"".join(parts)
+    if len(_BAR_PREFIXES) >= _BAR_PREFIXES_MAX:
+        _BAR_PREFIXES.clear()
+    _BAR_PREFIXES[key] = prefix
+    return prefix
+
+
+def _write_v1(b: Bar) -> bytes:
+    key = (b.instrument_id, b.venue, b.symbol, b.currency, b.interval)
+    prefix = _BAR_PREFIXES.get(key)
+    if prefix is None:
+        prefix = _bar_prefix(key)
+    w = write_long
+    return b"".join((
+        prefix, w(b.window_start_ns // NS_PER_MS), w(b.window_end_ns // NS_PER_MS),
+        _pack_6_doubles(b.open, b.high, b.low, b.close, b.volume, b.vwap), w(b.trade_count),
+        b"\x01" if b.is_final else b"\x00", w(b.version), w(b.first_ts_ns), w(b.last_ts_ns),
+        w(b.max_ingest_ns), w(b.source_partition), w(b.offset_from), w(b.offset_to),
+    ))
 
 
 def utc(ns: int) -> dt.datetime:

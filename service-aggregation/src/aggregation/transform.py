@@ -374,6 +374,24 @@ def _put_str(parts: list[bytes], text: str) -> None:
     parts.append(raw)
 
 
+#: Encoded strings of `encode_instrument_state` values, by the strings. Bounded; started over when full.
+_STATE_STRINGS: dict[tuple[str, ...], bytes] = {}
+_STATE_STRINGS_MAX = 65_536
+
+
+def _strings(texts: tuple[str, ...]) -> bytes:
+    raw = _STATE_STRINGS.get(texts)
+    if raw is None:
+        parts: list[bytes] = []
+        for text in texts:
+            _put_str(parts, text)
+        raw = b"".join(parts)
+        if len(_STATE_STRINGS) >= _STATE_STRINGS_MAX:
+            _STATE_STRINGS.clear()
+        _STATE_STRINGS[texts] = raw
+    return raw
+
+
 def encode_instrument_state(windows: Collection[_Window]) -> bytes:
     """`instrument` format value of one instrument's open windows (at least one).
 
@@ -385,24 +403,22 @@ def encode_instrument_state(windows: Collection[_Window]) -> bytes:
     """
     it = iter(windows)
     first = next(it)
-    parts: list[bytes] = [b"\x01"]
-    for text in (first.instrument_id, first.venue, first.symbol, first.currency, first.source_key):
-        _put_str(parts, text)
-    parts.append(_U32.pack(len(windows)))
+    venue, symbol, currency, source_key = first.venue, first.symbol, first.currency, first.source_key
+    parts: list[bytes] = [b"\x01", _strings((first.instrument_id, venue, symbol, currency, source_key)),
+                          _U32.pack(len(windows))]
+    append = parts.append
     pack = _WINDOW_FIELDS.pack
     for w in (first, *it):
-        if (w.venue == first.venue and w.symbol == first.symbol and w.currency == first.currency
-                and w.source_key == first.source_key):
-            parts.append(b"\x00")
+        if w.venue == venue and w.symbol == symbol and w.currency == currency and w.source_key == source_key:
+            append(b"\x00")
         else:
-            parts.append(b"\x01")
-            for text in (w.venue, w.symbol, w.currency, w.source_key):
-                _put_str(parts, text)
-        _put_str(parts, w.interval)
+            append(b"\x01")
+            append(_strings((w.venue, w.symbol, w.currency, w.source_key)))
+        append(_strings((w.interval,)))
         ok, ck = w.open_key, w.close_key
-        parts.append(pack(w.start, w.end, w.open, w.high, w.low, w.close, w.volume, w.pv,
-                          ok[0], ok[1], ok[2], ok[3], ck[0], ck[1], ck[2], ck[3],
-                          w.count, w.max_ingest, w.off_from, w.off_to))
+        append(pack(w.start, w.end, w.open, w.high, w.low, w.close, w.volume, w.pv,
+                    ok[0], ok[1], ok[2], ok[3], ck[0], ck[1], ck[2], ck[3],
+                    w.count, w.max_ingest, w.off_from, w.off_to))
     return b"".join(parts)
 
 
