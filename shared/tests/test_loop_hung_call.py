@@ -88,3 +88,77 @@ def test_hung_send_offsets_is_abandoned_and_every_record_delivered_once(
     text = metrics.render().decode()
     assert 'dp_abandoned_producers_total{service="hungtest"} 1.0' in text
     assert 'dp_transactions_total{outcome="failed",service="hungtest"} 1.0' in text
+
+
+class _HangAfterSending(Producer):
+    """The first `send_offsets_to_transaction` really runs, then blocks before returning.
+
+    The offsets are part of the open transaction at the broker (`AddOffsetsToTxn`, and a pending
+    `TxnOffsetCommit` at the group coordinator) when the loop abandons the producer: the case of
+    the broker fault runs, where the request got through and librdkafka never returned.
+    """
+
+    hung = threading.Event()
+    release = threading.Event()
+
+    def send_offsets_to_transaction(self, *args: Any, **kwargs: Any) -> None:
+        super().send_offsets_to_transaction(*args, **kwargs)
+        if not _HangAfterSending.hung.is_set():
+            _HangAfterSending.hung.set()
+            _HangAfterSending.release.wait(120)
+
+
+def test_abandoned_after_the_offsets_reached_the_broker_every_record_is_read_again_once(
+    monkeypatch: pytest.MonkeyPatch, topic_factory: Callable[..., str], kafka_bootstrap: str,
+    consume_all: Callable[..., list[InRecord]],
+) -> None:
+    """The rolled-back cycle's records are read again after the producer is abandoned.
+
+    The new producer's `init_transactions` aborts the old transaction, its pending offset commit
+    included; the rewind reads the committed offsets (stable again) and the records of the cycle
+    come out exactly once, through the new producer, with records arriving after it too.
+    """
+    monkeypatch.setattr(loop_module, "Producer", _HangAfterSending)
+    monkeypatch.setattr(loop_module, "TXN_CALL_DEADLINE_S", 3.0)
+    source, sink = topic_factory("hungsent-in", 3), topic_factory("hungsent-out", 3)
+    settings = load_settings(service="hungtest", kafka_bootstrap=kafka_bootstrap,
+                             instance_id=unique_name("i"), kafka={"group_id": unique_name("g")},
+                             loop={"transaction_timeout_ms": 10_000, "batch_timeout_ms": 50})
+    metrics = ServiceMetrics("hungtest")
+    kafka_loop = KafkaLoop(settings, PassthroughProcessor(sink), input_topics=[source], metrics=metrics)
+    producer = Producer({"bootstrap.servers": kafka_bootstrap, "enable.idempotence": True})
+    for i in range(N):
+        producer.produce(source, b"v%d" % i, b"k%d" % i)
+    assert producer.flush(30) == 0
+
+    async def scenario() -> list[InRecord]:
+        stop = asyncio.Event()
+        task = asyncio.create_task(kafka_loop.run(stop))
+        try:
+            out: list[InRecord] = []
+            for i in range(240):
+                await asyncio.sleep(0.5)
+                assert not task.done(), "the loop ended"
+                if i == 10:  # after the abandonment: more records on every partition
+                    for j in range(N, 2 * N):
+                        producer.produce(source, b"v%d" % j, b"k%d" % j)
+                    assert producer.flush(30) == 0
+                out = await asyncio.to_thread(consume_all, [sink], timeout=20)
+                if len(out) >= 2 * N and kafka_loop._abandoned:
+                    break
+            await asyncio.sleep(2)  # anything written twice would show up now
+            return await asyncio.to_thread(consume_all, [sink], timeout=20)
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, 60)
+
+    try:
+        out = asyncio.run(scenario())
+    finally:
+        _HangAfterSending.release.set()
+    assert _HangAfterSending.hung.is_set()
+    assert len(kafka_loop._abandoned) == 1
+    assert Counter(r.value for r in out) == Counter(b"v%d" % i for i in range(2 * N))  # each exactly once
+    text = metrics.render().decode()
+    assert 'dp_abandoned_producers_total{service="hungtest"} 1.0' in text
+    assert kafka_loop._consumer_restarts == []  # the rewind read the committed offsets itself

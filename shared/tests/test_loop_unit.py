@@ -192,3 +192,33 @@ def test_older_epochs_are_looked_for_on_every_topic_the_service_may_write() -> N
     assert {t.normalized, t.deadletter, t.normalization_dedup_changelog, "out"} <= set(topics)
     assert t.raw not in topics
     assert t.aggregation_windows_changelog not in topics
+
+
+def _stats(ts_s: float, app: int, ls: int) -> str:
+    import json
+
+    part = {"app_offset": app, "next_offset": app, "committed_offset": -1001, "ls_offset": ls,
+            "hi_offset": ls, "fetchq_cnt": 0, "fetch_state": "active"}
+    return json.dumps({"ts": int(ts_s * 1e6), "topics": {"in": {"partitions": {"0": part, "-1": {}}}}})
+
+
+def test_statistics_report_a_partition_stuck_with_records_waiting() -> None:
+    """The stall diagnostic: logged after `STUCK_PARTITION_S` without progress, then once per period."""
+    from structlog.testing import capture_logs
+
+    lp = loop()
+    lp._assigned = {("in", 0)}
+    with capture_logs() as logs:
+        lp._cb_stats(_stats(0, 10, 14))
+        lp._cb_stats(_stats(20, 10, 14))
+        assert logs == []  # not long enough
+        lp._cb_stats(_stats(35, 10, 14))
+        lp._cb_stats(_stats(40, 10, 14))  # reported already within the period
+        lp._cb_stats(_stats(70, 12, 14))  # moved: the clock starts again
+        lp._cb_stats(_stats(95, 12, 12))  # caught up: nothing waiting
+        lp._cb_stats(_stats(200, 12, 12))
+        lp._cb_stats("not json")
+    stuck = [e for e in logs if e["event"] == "consumer partition not advancing"]
+    assert len(stuck) == 1
+    assert (stuck[0]["topic"], stuck[0]["partition"], stuck[0]["app_offset"], stuck[0]["ls_offset"],
+            stuck[0]["stuck_s"], stuck[0]["fetch_state"]) == ("in", 0, 10, 14, 35.0, "active")

@@ -476,8 +476,65 @@ def _feed(producer: Producer, topic: str, ticks: list[RawTick], seconds: float,
     done.set()
 
 
-def run(profile: Profile, seed: int, workdir: Path) -> Report:
-    """One fault-injection run in `workdir` (private stack included); returns the report."""
+def stall_snapshot(bootstrap: str, chain: Chain, topics: dict[str, str]) -> str:
+    """Where each partition of the chain stands, for a run that did not drain.
+
+    Per input partition of every service: the group's committed offset (not requiring a stable
+    offset, so an offset commit of an open transaction shows too), the last stable offset (what a
+    read_committed consumer can reach) and the high watermark; then the services' own
+    `dp_consumer_lag` (cached high watermark - consumer position) and `/health`.
+    """
+    from confluent_kafka import Consumer, ConsumerGroupTopicPartitions, TopicPartition
+
+    inputs = {"normalization": ["RAW"], "enrichment": ["NORMALIZED"], "aggregation": ["ENRICHED"],
+              "projection": ["ENRICHED", "BARS"]}
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    lines = [f"stall snapshot {time.strftime('%H:%M:%S')}"]
+    readers = {level: Consumer({"bootstrap.servers": bootstrap, "group.id": f"snapshot-{uuid.uuid4().hex}",
+                                "isolation.level": level, "enable.auto.commit": False})
+               for level in ("read_committed", "read_uncommitted")}
+    try:
+        for service, names in inputs.items():
+            group = chain.ids(service, "a")["DATA_PROC_KAFKA__GROUP_ID"]
+            tps = [TopicPartition(topics[n], p) for n in names for p in range(PARTITIONS)]
+            try:
+                future = admin.list_consumer_group_offsets(
+                    [ConsumerGroupTopicPartitions(group, tps)], require_stable=False)[group]
+                committed = {(tp.topic, tp.partition): tp.offset for tp in future.result(30).topic_partitions}
+            except Exception as exc:
+                lines.append(f"{service}: committed offsets not read: {exc}")
+                committed = {}
+            for tp in tps:
+                try:
+                    lso = readers["read_committed"].get_watermark_offsets(tp, timeout=10)[1]
+                    hw = readers["read_uncommitted"].get_watermark_offsets(tp, timeout=10)[1]
+                except Exception as exc:
+                    lso = hw = -1
+                    lines.append(f"  watermarks of {tp.topic}[{tp.partition}] not read: {exc}")
+                at = committed.get((tp.topic, tp.partition))
+                lines.append(f"{service:13} {tp.topic}[{tp.partition}] committed={at} lso={lso} hw={hw}")
+    finally:
+        for reader in readers.values():
+            reader.close()
+    for service in SERVICES:
+        status, body = http_get(chain.first.url(service, "/metrics"), timeout=10)
+        lags = [line for line in body.decode(errors="replace").splitlines()
+                if line.startswith(("dp_consumer_lag", "dp_abandoned", "dp_transactions_total",
+                                    "dp_alignment_paused", "dp_rebalances_total"))]
+        lines.append(f"{service} /metrics {status}: " + "; ".join(lags))
+        status, body = http_get(chain.first.url(service, "/health"), timeout=10)
+        lines.append(f"{service} /health {status}: {body.decode(errors='replace')[:800]}")
+    return "\n".join(lines)
+
+
+def run(profile: Profile, seed: int, workdir: Path, *, keep_on_failure_s: float = 0.0,
+        drain_timeout_s: float | None = None) -> Report:
+    """One fault-injection run in `workdir` (private stack included); returns the report.
+
+    A run that fails keeps its private stack and services for up to `keep_on_failure_s` (or until
+    the file `workdir/release` exists) before tearing them down, for a look at the broker; a run
+    that does not drain writes `stall_snapshot` to `workdir/stall.txt` first.
+    """
     report = Report(profile=profile.name, seed=seed)
     rng = random.Random(seed)
     prefix = "FLT" + uuid.uuid4().hex[:8].upper()
@@ -515,6 +572,8 @@ def run(profile: Profile, seed: int, workdir: Path) -> Report:
             "DATA_PROC_LOOP__HANGING_TRANSACTION_TIMEOUT_MS": str(3 * TX_TIMEOUT_MS),
             "DATA_PROC_LOOP__HANGING_CHECK_INTERVAL_S": "10",
             "DATA_PROC_LOG_LEVEL": "INFO",
+            # librdkafka statistics: the loop logs an input partition that stops advancing (stall evidence)
+            "DATA_PROC_KAFKA__CONSUMER_EXTRA": json.dumps({"statistics.interval.ms": 5000}),
         })
         env.update({f"DATA_PROC_TOPICS__{name}": topic for name, topic in topics.items()})
         # a Kafka SASL password is set too (unused by the PLAINTEXT listener): it must not leak either
@@ -555,15 +614,23 @@ def run(profile: Profile, seed: int, workdir: Path) -> Report:
         t_drain = time.monotonic()
         reference = compute(expected_arrivals([*ticks, *pushers], prefix), INTERVALS, LATENESS_MS * 10**6)
         try:
-            _wait_for_finals(stack.bootstrap, topics["BARS"], len(reference.bars), profile.drain_timeout_s)
+            _wait_for_finals(stack.bootstrap, topics["BARS"], len(reference.bars),
+                             drain_timeout_s or profile.drain_timeout_s)
         except TimeoutError as exc:
             report.mismatches.append(f"the chain did not recover: {exc}")
             report.durations_s["drain"] = round(time.monotonic() - t_drain, 1)
+            _snapshot(workdir, stack, chain, topics)
             return report
         # the lag metrics can be stale while a loop hangs: wait until every service is live and the
         # read model has converged (the supervisor restarts a hung service meanwhile), then drained
-        _wait_converged(chain, stack.redis_url, reference, 300)
-        chain.first.wait_drained(timeout=300)
+        try:
+            _wait_converged(chain, stack.redis_url, reference, 300)
+            chain.first.wait_drained(timeout=300)
+        except TimeoutError as exc:
+            report.mismatches.append(f"the chain did not drain: {exc}")
+            report.durations_s["drain"] = round(time.monotonic() - t_drain, 1)
+            _snapshot(workdir, stack, chain, topics)
+            return report
         report.durations_s["drain"] = round(time.monotonic() - t_drain, 1)
         verify(report, stack, chain, topics, audit_topic, ticks, pushers, reference, prefix)
         secrets = [*stack.secrets(), sasl_secret]
@@ -575,12 +642,34 @@ def run(profile: Profile, seed: int, workdir: Path) -> Report:
         check_secrets(report, secrets, exposed)
         return report
     finally:
+        if not report.ok and keep_on_failure_s > 0:
+            _keep(stack, workdir, keep_on_failure_s)
         if chain is not None:
             report.self_exits = chain.self_exits
             chain.close()
         for proxy in proxies.values():
             proxy.close()
         stack.destroy()
+
+
+def _snapshot(workdir: Path, stack: PrivateStack, chain: Chain, topics: dict[str, str]) -> None:
+    """`stall_snapshot` printed and written to `workdir/stall.txt`."""
+    try:
+        snapshot = stall_snapshot(stack.bootstrap, chain, topics)
+    except Exception as exc:
+        snapshot = f"stall snapshot failed: {exc!r}"
+    (workdir / "stall.txt").write_text(snapshot + "\n")
+    print(snapshot, flush=True)
+
+
+def _keep(stack: PrivateStack, workdir: Path, seconds: float) -> None:
+    """Keep a failed run's stack and services up for a look, until `workdir/release` or `seconds`."""
+    release = workdir / "release"
+    print(f"run failed: stack kept for {seconds:.0f}s (bootstrap {stack.bootstrap}, logs in {workdir}); "
+          f"touch {release} to tear it down", flush=True)
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and not release.exists():
+        time.sleep(2)
 
 
 def _consume(bootstrap: str, topics: list[str]) -> list[Any]:
@@ -802,9 +891,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, default=None, help="keep logs here (default: a temp dir)")
     parser.add_argument("--json", type=Path, default=None,
                         help="report path (default bench-results/faults-<profile>-<time>.json)")
+    parser.add_argument("--keep-on-failure", type=float, default=0.0, metavar="SECONDS",
+                        help="after a failed run keep the private stack and services up this long "
+                             "(or until WORKDIR/release exists) before tearing them down")
+    parser.add_argument("--drain-timeout", type=float, default=None, metavar="SECONDS",
+                        help="how long the final bars may take after the feed (default: the profile's)")
     args = parser.parse_args(argv)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="dp-faults-"))
-    report = run(PROFILES[args.profile], args.seed, workdir)
+    report = run(PROFILES[args.profile], args.seed, workdir, keep_on_failure_s=args.keep_on_failure,
+                 drain_timeout_s=args.drain_timeout)
     print_report(report)
     stamp = time.strftime('%Y%m%dT%H%M%S')
     path = args.json or REPO / "bench-results" / f"faults-{args.profile}-{stamp}.json"

@@ -90,6 +90,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import functools
+import json
 import queue
 import threading
 import time
@@ -158,6 +159,9 @@ REWIND_ATTEMPTS = 3
 #: `CONSUMER_RESTART_WINDOW_S`; one more ends the loop (`LoopFatalError`).
 MAX_CONSUMER_RESTARTS = 3
 CONSUMER_RESTART_WINDOW_S = 300.0
+#: An input partition with records waiting whose position has not moved this long is logged
+#: (only with librdkafka statistics on, `statistics.interval.ms`: a stall diagnostic).
+STUCK_PARTITION_S = 30.0
 #: A consumer being replaced that has not closed after this long is left behind (kept referenced).
 CONSUMER_CLOSE_DEADLINE_S = 30.0
 
@@ -358,6 +362,8 @@ class KafkaLoop:
         self._failures = 0
         self._delivery_errors: list[str] = []
         self._consumer_fatal: KafkaError | None = None
+        #: per input partition: application offset, since when (s) and when last reported stuck
+        self._stats_seen: dict[TP, tuple[int, float, float]] = {}
         self.committed_cycles = 0
         self.paused_for_slow_steps = 0
         self._alignment = (
@@ -415,7 +421,10 @@ class KafkaLoop:
             # the session timeout of its previous incarnation.
             "group.instance.id": self._transactional_id,
         })
-        consumer = Consumer({**conf, "error_cb": self._cb_consumer_error})
+        callbacks: dict[str, Any] = {"error_cb": self._cb_consumer_error}
+        if int(conf.get("statistics.interval.ms", 0) or 0) > 0:
+            callbacks["stats_cb"] = self._cb_stats
+        consumer = Consumer({**conf, **callbacks})
         consumer.subscribe(self._topics, on_assign=self._cb_assign, on_revoke=self._cb_revoke,
                            on_lost=self._cb_lost)
         return consumer
@@ -458,6 +467,7 @@ class KafkaLoop:
         self._assigned.clear()
         self._events.clear()
         self._consumer_fatal = None
+        self._stats_seen = {}
         if parts:
             self._metrics.rebalance("lost")
             self._forget_alignment(parts)
@@ -521,6 +531,41 @@ class KafkaLoop:
         if err.fatal() or err.code() == KafkaError._FATAL:
             self._consumer_fatal = err
         self._cb_error(err)
+
+    def _cb_stats(self, raw: str) -> None:
+        """Statistics of librdkafka (with `statistics.interval.ms` set only): report stuck partitions.
+
+        A diagnostic for stalls: an assigned input partition with records below its last stable
+        offset whose application position has not moved for `STUCK_PARTITION_S` (librdkafka's
+        clock of the statistics, so a burst of queued statistics counts as the time it covers) is
+        logged with librdkafka's own view of it (fetch state, positions, queued records) and whether
+        the alignment holds it paused, again every `STUCK_PARTITION_S` while it stays so.
+        """
+        try:
+            stats = json.loads(raw)
+            now_s = int(stats["ts"]) / 1e6
+        except (ValueError, KeyError, TypeError):
+            return
+        seen: dict[TP, tuple[int, float, float]] = {}
+        held = self._alignment.held() if self._alignment is not None else frozenset()
+        fields = ("app_offset", "next_offset", "committed_offset", "ls_offset", "hi_offset", "fetchq_cnt")
+        for topic in self._topics:
+            for key, part in stats.get("topics", {}).get(topic, {}).get("partitions", {}).items():
+                tp = (topic, int(key))
+                if tp[1] < 0 or tp not in self._assigned:
+                    continue
+                values = {name: int(part.get(name, -1)) for name in fields}
+                app = values["app_offset"]
+                before = self._stats_seen.get(tp)
+                since, warned = (now_s, 0.0) if before is None or before[0] != app else before[1:]
+                if values["ls_offset"] > max(app, 0) and now_s - since >= STUCK_PARTITION_S \
+                        and now_s - warned >= STUCK_PARTITION_S:
+                    log.warning("consumer partition not advancing", service=self._service, topic=topic,
+                                partition=tp[1], fetch_state=part.get("fetch_state"),
+                                stuck_s=round(now_s - since, 1), held=tp in held, **values)
+                    warned = now_s
+                seen[tp] = (app, since, warned)
+        self._stats_seen = seen
 
     def _cb_error(self, err: KafkaError) -> None:
         log.warning("kafka client error", service=self._service, error=str(err), fatal=err.fatal())
