@@ -63,8 +63,13 @@ class Receiver:
         self._thread.start()
 
     def _run(self) -> None:
+        consumer = self._consumer
         while not self._stop.is_set():
-            for msg in self._consumer.consume(500, 0.1):
+            # the first record, then what is already fetched: consume(n, timeout) would wait for n
+            msgs = consumer.consume(1, 0.1)
+            if msgs:
+                msgs.extend(consumer.consume(500, 0))
+            for msg in msgs:
                 if msg.error() is None and self.recording:
                     self.latency_ms.append((time.time_ns() - int(msg.value() or b"0")) / 1e6)
 
