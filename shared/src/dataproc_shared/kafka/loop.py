@@ -1359,10 +1359,14 @@ class _Metrics:
 
     def __init__(self, metrics: ServiceMetrics) -> None:
         self._m = metrics
+        self._steps: dict[str, Any] = {}
 
     def step(self, name: str, seconds: float) -> None:
         """Wall time of one step of a cycle (`dp_cycle_step_seconds`)."""
-        self._m.child(self._m.cycle_step_seconds, step=name).observe(seconds)
+        child = self._steps.get(name)
+        if child is None:
+            child = self._steps[name] = self._m.child(self._m.cycle_step_seconds, step=name)
+        child.observe(seconds)
 
     def consumed(self, records: list[InRecord]) -> None:
         counts: dict[str, int] = {}
