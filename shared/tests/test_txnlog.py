@@ -15,6 +15,20 @@ def test_partition_of_a_transactional_id_follows_the_jvm_hash() -> None:
     assert txnlog.partition_for("hello", 50) == 99162322 % 50
 
 
+
+def test_partition_of_a_negative_hash_is_its_absolute_value_modulo() -> None:
+    """`Utils.abs(hashCode) % n` as the broker computes it, not the partitioner's sign-bit mask.
+
+    The transactional id of the failed broker fault run (seed 11): its states were in
+    `__transaction_state` partition 6 of 8; the mask gave 2, whose log was empty.
+    """
+    name = "normalization-FLT668D84BB-normalization-a"
+    assert txnlog.java_hash(name) == -1264821622
+    assert txnlog.partition_for(name, 8) == 6
+    assert txnlog.partition_for(name, 50) == 1264821622 % 50
+    assert txnlog.partition_for("polygenelubricants", 50) == 0  # hashCode() == Integer.MIN_VALUE
+
+
 def _jvm(text: str) -> int:
     h = 0
     for ch in text:

@@ -50,9 +50,16 @@ def java_hash(text: str) -> int:
     return h - (1 << 32) if h >= 1 << 31 else h
 
 
-def partition_for(transactional_id: str, partitions: int) -> int:
-    """The `__transaction_state` partition of a transactional id (`Utils.abs(hashCode) % n`)."""
-    return (java_hash(transactional_id) & 0x7FFFFFFF) % partitions
+def partition_for(name: str, partitions: int) -> int:
+    """The coordinator partition of a transactional id or group id: `Utils.abs(hashCode) % n`.
+
+    As the broker computes it for `__transaction_state` and `__consumer_offsets`. Kafka's
+    `Utils.abs` is `Math.abs` with `Integer.MIN_VALUE` mapped to 0, not the sign-bit mask of the
+    record partitioner (`toPositive`): for a negative hash the two give different partitions
+    (`docs/reliability.md`, finding 9).
+    """
+    h = java_hash(name)
+    return (0 if h == -(1 << 31) else abs(h)) % partitions
 
 
 def decode_key(raw: bytes) -> str | None:
