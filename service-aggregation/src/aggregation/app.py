@@ -172,10 +172,8 @@ class AggregationProcessor:
         append = result.outputs.append
         counts: dict[tuple[str, bool], int] = {}
         for b in bars:
-            append(OutRecord(
-                topic=topic, key=b.source_key.encode(), value=encode_bar(b), partition=b.source_partition,
-                headers=((EVENT_TIME_HEADER, str(b.last_ts_ns).encode()),),
-            ))
+            append(OutRecord(topic, b.source_key.encode(), encode_bar(b), b.source_partition,
+                             ((EVENT_TIME_HEADER, b"%d" % b.last_ts_ns),)))
             label = (b.interval, b.is_final)
             counts[label] = counts.get(label, 0) + 1
         if self._metrics is not None:

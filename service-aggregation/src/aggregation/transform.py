@@ -297,30 +297,15 @@ class _Window:
             self.off_to = offset
 
     def bar(self, partition: int, final: bool) -> Bar:
+        # Positional, in `Bar`'s field order (keywords cost ~1 µs more per bar).
+        volume = self.volume
+        count = self.count
         return Bar(
-            instrument_id=self.instrument_id,
-            venue=self.venue,
-            symbol=self.symbol,
-            currency=self.currency,
-            interval=self.interval,
-            window_start_ns=self.start,
-            window_end_ns=self.end,
-            open=self.open,
-            high=self.high,
-            low=self.low,
-            close=self.close,
-            volume=self.volume,
-            vwap=self.pv / self.volume if self.volume else 0.0,
-            trade_count=self.count,
-            is_final=final,
-            version=self.count + 1 if final else self.count,
-            first_ts_ns=self.open_key[0],
-            last_ts_ns=self.close_key[0],
-            max_ingest_ns=self.max_ingest,
-            source_partition=partition,
-            offset_from=self.off_from,
-            offset_to=self.off_to,
-            source_key=self.source_key,
+            self.instrument_id, self.venue, self.symbol, self.currency, self.interval, self.start,
+            self.end, self.open, self.high, self.low, self.close, volume,
+            self.pv / volume if volume else 0.0, count, final, count + 1 if final else count,
+            self.open_key[0], self.close_key[0], self.max_ingest, partition, self.off_from, self.off_to,
+            self.source_key,
         )
 
     def to_json(self) -> bytes:
