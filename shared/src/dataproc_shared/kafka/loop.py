@@ -158,6 +158,11 @@ KEEPALIVE_MAX_S = 30.0
 RETRIES = 5
 #: Rewinds to the committed offsets tried after a rolled-back cycle before the consumer is replaced.
 REWIND_ATTEMPTS = 3
+#: Wait for the committed offsets in one rewind attempt. A healthy group coordinator answers in
+#: milliseconds; a consumer whose `committed()` times out against a healthy broker (seen after
+#: broker restarts) never recovers, so the attempts (about 33 s with their backoff, more than a
+#: broker restart takes) are kept short before the consumer is replaced.
+REWIND_COMMITTED_TIMEOUT_S = 10.0
 #: Consumer replacements (fatal consumer error, committed offsets unreadable) tolerated within
 #: `CONSUMER_RESTART_WINDOW_S`; one more ends the loop (`LoopFatalError`).
 MAX_CONSUMER_RESTARTS = 3
@@ -1055,7 +1060,8 @@ class KafkaLoop:
         if not self._assigned or self._events:
             return
         tps = [TopicPartition(t, p) for t, p in sorted(self._assigned)]
-        committed = self._retry(lambda: consumer.committed(tps, timeout=TXN_CALL_TIMEOUT_S), "committed")
+        committed = self._retry(lambda: consumer.committed(tps, timeout=REWIND_COMMITTED_TIMEOUT_S),
+                                "committed")
         targets = [
             TopicPartition(tp.topic, tp.partition, tp.offset if tp.offset >= 0 else OFFSET_BEGINNING)
             for tp in committed
