@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 
 import pytest
-from confluent_kafka import KafkaError, KafkaException, Message
+from confluent_kafka import KafkaError, KafkaException, Message, TopicPartition
 from dataproc_shared.config import load_settings
 from dataproc_shared.kafka import loop as loop_module
 from dataproc_shared.kafka.loop import KafkaLoop, classify
@@ -222,3 +222,47 @@ def test_statistics_report_a_partition_stuck_with_records_waiting() -> None:
     assert len(stuck) == 1
     assert (stuck[0]["topic"], stuck[0]["partition"], stuck[0]["app_offset"], stuck[0]["ls_offset"],
             stuck[0]["stuck_s"], stuck[0]["fetch_state"]) == ("in", 0, 10, 14, 35.0, "active")
+
+
+class _FreshlyAssigned:
+    """A consumer with a partition assigned but not consumed yet: no position (-1001)."""
+
+    def __init__(self, committed: int, high: int) -> None:
+        self.committed_offset, self.high, self.lookups = committed, high, 0
+
+    def position(self, tps: list[TopicPartition]) -> list[TopicPartition]:
+        return [TopicPartition(tp.topic, tp.partition, -1001) for tp in tps]
+
+    def get_watermark_offsets(self, tp: TopicPartition, cached: bool = False) -> tuple[int, int]:
+        return (0, self.high)
+
+    def committed(self, tps: list[TopicPartition], timeout: float = 0) -> list[TopicPartition]:
+        self.lookups += 1
+        return [TopicPartition(tp.topic, tp.partition, self.committed_offset) for tp in tps]
+
+
+def test_lag_of_a_partition_not_consumed_since_its_assignment_counts_from_its_committed_offset() -> None:
+    """The seed-3 "stall": a fully processed partition showed its whole length (14) as lag."""
+    lp = loop()
+    consumer = _FreshlyAssigned(committed=14, high=14)
+    lp._consumer = consumer  # type: ignore[assignment]
+    lp._assigned = {("in", 2)}
+    assert lp._update_lag() == {("in", 2): 0}
+    consumer.high = 20  # records arrived, not fetched yet
+    assert lp._update_lag() == {("in", 2): 6}
+    assert consumer.lookups == 1  # looked up once per assignment
+
+
+def test_statistics_take_the_committed_offset_of_a_partition_not_consumed_yet() -> None:
+    import json
+
+    from structlog.testing import capture_logs
+
+    lp = loop()
+    lp._assigned = {("in", 0)}
+    part = {"app_offset": -1001, "next_offset": 14, "committed_offset": 14, "ls_offset": 14,
+            "hi_offset": 14, "fetchq_cnt": 0, "fetch_state": "active"}
+    with capture_logs() as logs:
+        for ts in (0, 40, 80):
+            lp._cb_stats(json.dumps({"ts": ts * 1_000_000, "topics": {"in": {"partitions": {"0": part}}}}))
+    assert [e for e in logs if e["event"] == "consumer partition not advancing"] == []

@@ -143,6 +143,8 @@ PRODUCER_RESTART_WINDOW_S = 300.0
 INLINE_PRODUCE_MAX = 256
 #: Consumer lag is refreshed this often.
 LAG_INTERVAL_S = 10.0
+#: Longest wait for the committed offset of a partition not consumed since its assignment (lag).
+LAG_LOOKUP_TIMEOUT_S = 5.0
 #: Timeout of one blocking transactional call before it is retried (librdkafka needs a finite one).
 TXN_CALL_TIMEOUT_S = 30.0
 #: Attempts at closing older producer epochs' transactions after `init_transactions`.
@@ -379,6 +381,8 @@ class KafkaLoop:
             if self._opts.align_max_ahead_ms > 0 else None
         )
         self._align_start: dict[TP, int] = {}
+        #: committed offset of each partition not consumed since its assignment (lag), -1: none
+        self._lag_start: dict[TP, int] = {}
         self._topic_names: dict[str, bytes] = {}
 
     @property
@@ -476,6 +480,7 @@ class KafkaLoop:
         self._events.clear()
         self._consumer_fatal = None
         self._stats_seen = {}
+        self._lag_start.clear()
         if parts:
             self._metrics.rebalance("lost")
             self._forget_alignment(parts)
@@ -563,7 +568,8 @@ class KafkaLoop:
                 if tp[1] < 0 or tp not in self._assigned:
                     continue
                 values = {name: int(part.get(name, -1)) for name in fields}
-                app = values["app_offset"]
+                # not consumed since the assignment: librdkafka has no position, the committed one counts
+                app = values["app_offset"] if values["app_offset"] >= 0 else values["committed_offset"]
                 before = self._stats_seen.get(tp)
                 since, warned = (now_s, 0.0) if before is None or before[0] != app else before[1:]
                 if values["ls_offset"] > max(app, 0) and now_s - since >= STUCK_PARTITION_S \
@@ -990,6 +996,7 @@ class KafkaLoop:
         await self._processor.on_abort()
         await self._rewind_until_done()
         self._rewound_alignment()
+        self._lag_start.clear()
         await asyncio.sleep(min(0.05 * 2 ** min(self._failures, 7), 5.0))
 
     async def _restart_producer(self, *, abandon: bool = False) -> None:
@@ -1096,6 +1103,8 @@ class KafkaLoop:
             self._emit(lifecycle_event("rebalance", change=kind, partitions=[f"{t}[{p}]" for t, p in parts]))
             log.info("partitions " + kind, service=self._service, partitions=parts)
             self._forget_alignment(parts)
+            for tp in parts:
+                self._lag_start.pop(tp, None)
             if kind == "assign":
                 fresh.update(parts)
                 await self._beating(self._processor.on_assign(parts))
@@ -1300,6 +1309,22 @@ class KafkaLoop:
         finally:
             await asyncio.to_thread(consumer.resume, self._not_held(tps))
 
+    def _lag_start_offset(self, tp: TP, low: int) -> int:
+        """Where a partition not consumed since its assignment stands: its committed offset.
+
+        librdkafka reports no position (-1001) until a partition's first record is consumed. A
+        partition whose records were all processed before the assignment (a restart, a rebalance,
+        a replaced consumer) would otherwise show its whole length as lag (from the low
+        watermark), for as long as nothing new arrives - the broker-profile "stall" of seed 3 that
+        was a lag of 14 on a fully processed raw partition. Looked up once per assignment.
+        """
+        start = self._lag_start.get(tp)
+        if start is None:
+            committed = self._c.committed([TopicPartition(*tp)], timeout=LAG_LOOKUP_TIMEOUT_S)
+            start = committed[0].offset if committed and committed[0].offset >= 0 else -1
+            self._lag_start[tp] = start
+        return max(start, low)
+
     def _update_lag(self) -> dict[tuple[str, int], int]:
         """Refresh `dp_consumer_lag`; returns the lag of every assigned partition it could tell."""
         consumer = self._c
@@ -1314,7 +1339,7 @@ class KafkaLoop:
                 if wm is None:
                     continue
                 low, high = wm
-                pos = tp.offset if tp.offset >= 0 else low
+                pos = tp.offset if tp.offset >= 0 else self._lag_start_offset((tp.topic, tp.partition), low)
                 if high >= 0 and pos >= 0:
                     lags[(tp.topic, tp.partition)] = max(0, high - pos)
                     self._metrics.lag(tp.topic, tp.partition, max(0, high - pos))
