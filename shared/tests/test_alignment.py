@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from dataproc_shared.kafka.alignment import UNKNOWN, Alignment, ahead_partitions, frontier
-from dataproc_shared.records import BatchResult
+from dataproc_shared.kafka.alignment import UNKNOWN, Alignment, HeldRecords, ahead_partitions, frontier
+from dataproc_shared.records import BatchResult, InRecord
 
 S = 1_000_000_000
 A, B, C = ("raw", 0), ("raw", 1), ("raw", 2)
@@ -123,13 +123,110 @@ def test_batch_result_extend_keeps_the_later_event_times() -> None:
     assert first.event_time_ns == {A: 1, B: 5, C: 3}
 
 
-def test_after_a_rewind_the_partitions_report_again_before_anything_is_paused() -> None:
+def test_a_rewind_keeps_the_event_times_of_the_committed_records_and_the_holds() -> None:
     al = Alignment(max_ahead_ns=S, max_pause_ns=10 * S)
     al.report({A: 0, B: 100 * S})
     assert al.decide({A, B}, 0).pause == {B}
     al.rewound()
+    # back at the committed offsets, whose event times are the ones reported: B stays held
     d = al.decide({A, B}, 1)
-    assert d.resume == {B}
-    al.report({B: 90 * S})
-    # A has not reported since the rewind and has records waiting: B waits for it
-    assert al.decide({A, B}, 2).pause == {B}
+    assert d.resume == frozenset()
+    assert al.held() == {B}
+    assert al.event_ns == {A: 0, B: 100 * S}
+
+
+# ---- held records: the loop keeps a held partition's records instead of pausing it ------------
+
+
+def rec(tp: tuple[str, int], offset: int, value: bytes = b"v") -> InRecord:
+    return InRecord(tp[0], tp[1], offset, b"k", value, 0)
+
+
+def offsets(records: list[InRecord]) -> list[tuple[int, int]]:
+    return [(r.partition, r.offset) for r in records]
+
+
+def test_records_of_held_partitions_are_kept_and_the_others_pass() -> None:
+    held = HeldRecords(max_records=100, max_bytes=10_000)
+    ready = held.route([rec(A, 0), rec(B, 0), rec(A, 1), rec(B, 1)], holding={B})
+    assert offsets(ready) == [(0, 0), (0, 1)]
+    assert held.size(B) == 2
+    assert held.waiting() == {B}
+    assert held.active()
+    # nothing held, nothing buffered: the batch passes untouched (the common case costs nothing)
+    empty = HeldRecords(max_records=100, max_bytes=10_000)
+    batch = [rec(A, 0)]
+    assert empty.route(batch, holding=set()) is batch
+    assert not empty.active()
+
+
+def test_released_records_come_first_and_later_ones_queue_behind_them() -> None:
+    held = HeldRecords(max_records=100, max_bytes=10_000)
+    held.route([rec(B, o) for o in range(5)], holding={B})
+    assert held.release(holding={B}, limit=10) == []  # still held
+    first = held.release(holding=set(), limit=3)
+    assert offsets(first) == [(1, 0), (1, 1), (1, 2)]
+    # B is released but has records held: fresh ones of B go behind them, A's pass
+    ready = held.route([rec(B, 5), rec(A, 7)], holding=set())
+    assert offsets(ready) == [(0, 7)]
+    assert offsets(held.release(holding=set(), limit=10)) == [(1, 3), (1, 4), (1, 5)]
+    assert not held.active()
+    # drained: B's records pass again
+    assert offsets(held.route([rec(B, 6)], holding=set())) == [(1, 6)]
+
+
+def test_release_stops_at_the_limit_across_partitions() -> None:
+    held = HeldRecords(max_records=100, max_bytes=10_000)
+    held.route([rec(B, 0), rec(C, 0), rec(B, 1), rec(C, 1)], holding={B, C})
+    assert offsets(held.release(holding=set(), limit=3)) == [(1, 0), (1, 1), (2, 0)]
+    assert len(held) == 1
+    assert held.release(holding={C}, limit=10) == []  # C held again: its last record stays
+    assert offsets(held.release(holding=set(), limit=10)) == [(2, 1)]
+
+
+def test_a_buffer_past_its_bound_pauses_the_partition_until_half_drained() -> None:
+    held = HeldRecords(max_records=4, max_bytes=10_000)
+    held.route([rec(B, o) for o in range(3)], holding={B})
+    assert held.bound_changes() == (frozenset(), frozenset())
+    held.route([rec(B, 3)], holding={B})
+    assert held.bound_changes() == (frozenset({B}), frozenset())
+    assert held.paused == {B}
+    assert held.bound_changes() == (frozenset(), frozenset())  # paused once
+    held.release(holding=set(), limit=2)
+    assert held.bound_changes() == (frozenset(), frozenset())  # 2 left: not below half
+    held.release(holding=set(), limit=1)
+    assert held.bound_changes() == (frozenset(), frozenset({B}))
+    assert held.paused == set()
+    assert held.client_pauses == 1
+
+
+def test_the_byte_bound_counts_keys_and_values() -> None:
+    held = HeldRecords(max_records=1_000, max_bytes=100)
+    held.route([rec(B, 0, b"x" * 60), rec(B, 1, b"x" * 39)], holding={B})  # 99 + 2 key bytes
+    assert held.bound_changes() == (frozenset({B}), frozenset())
+    held.release(holding=set(), limit=1)
+    assert held.bound_changes() == (frozenset(), frozenset({B}))  # 41 bytes < 50
+
+
+def test_drop_returns_the_first_held_offset_to_seek_back_to() -> None:
+    held = HeldRecords(max_records=100, max_bytes=10_000)
+    held.route([rec(B, 10), rec(C, 20), rec(B, 11)], holding={B, C})
+    held.release(holding={C}, limit=1)  # B's 10 goes to a batch; B's 11 is still held
+    assert held.drop([B]) == {B: 11}
+    assert held.waiting() == {C}
+    assert held.drop() == {C: 20}
+    assert not held.active()
+
+
+def test_forget_drops_the_records_and_the_client_pause_of_revoked_partitions() -> None:
+    held = HeldRecords(max_records=1, max_bytes=10_000)
+    held.route([rec(B, 0), rec(C, 0)], holding={B, C})
+    assert held.bound_changes()[0] == {B, C}
+    held.forget([B])
+    assert held.paused == {C}
+    assert held.waiting() == {C}
+
+
+def test_held_bounds_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="positive"):
+        HeldRecords(max_records=0, max_bytes=1)

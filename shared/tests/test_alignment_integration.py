@@ -105,8 +105,9 @@ def _settings(bootstrap: str, align_ms: int, group: str | None = None, **loop: i
 
 
 async def _drain(settings: Settings, processor: MergingProcessor, source: str,
-                 consume_all: Callable[..., list[InRecord]], sink: str) -> tuple[list[InRecord], KafkaLoop]:
-    loop = KafkaLoop(settings, processor, input_topics=[source], metrics=ServiceMetrics("aligntest"))
+                 consume_all: Callable[..., list[InRecord]], sink: str,
+                 loop: KafkaLoop | None = None) -> tuple[list[InRecord], KafkaLoop]:
+    loop = loop or KafkaLoop(settings, processor, input_topics=[source], metrics=ServiceMetrics("aligntest"))
     stop = asyncio.Event()
     task = asyncio.create_task(loop.run(stop))
     try:
@@ -201,3 +202,135 @@ async def test_alignment_keeps_exactly_once_when_a_second_instance_joins_and_lea
     alignment = first._alignment
     assert alignment is not None
     assert alignment.pauses > 0
+
+
+class FailWhileHolding(MergingProcessor):
+    """Fails `before_commit` once, at the first commit after `after` at which the loop holds records."""
+
+    def __init__(self, output: str, after: int) -> None:
+        super().__init__(output)
+        self.after = after
+        self.loop: KafkaLoop | None = None
+        self.held_at_failure = 0
+
+    async def before_commit(self) -> BatchResult:
+        self.commits += 1
+        held = self.loop._held if self.loop is not None else None
+        if (not self.held_at_failure and self.commits > self.after and held is not None
+                and len(held) > 0):
+            self.held_at_failure = len(held)
+            raise RuntimeError("injected sink failure while records are held")
+        return BatchResult()
+
+
+async def test_held_records_are_read_again_after_a_rollback_exactly_once(
+    topic_factory: Callable[..., str], kafka_bootstrap: str, consume_all: Callable[..., list[InRecord]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A cycle rolled back while records are held: they are dropped, re-read from the committed offsets.
+
+    A small bound (40 records) also makes the loop pause partitions in the client and resume them.
+    """
+    monkeypatch.setenv("DATA_PROC_AUDIT_ENABLED", "false")
+    source, sink = topic_factory("align-in", 3), topic_factory("align-out", 1)
+    _produce_backlog(kafka_bootstrap, source)
+    settings = _settings(kafka_bootstrap, BOUND_MS, align_hold_records=40)
+    processor = FailWhileHolding(sink, after=10)
+    loop = KafkaLoop(settings, processor, input_topics=[source], metrics=ServiceMetrics("aligntest"))
+    processor.loop = loop
+    outputs, _ = await _drain(settings, processor, source, consume_all, sink, loop)
+    _assert_exactly_once(outputs)
+    assert processor.held_at_failure > 0
+    held = loop._held
+    assert held is not None
+    assert held.client_pauses > 0  # the bound was reached
+    lateness, where = _lateness(outputs)
+    assert lateness <= BOUND_MS * 1_000_000 + max(processor.advances), where
+
+
+async def test_held_partitions_are_not_paused_in_the_client_below_the_bound(
+    topic_factory: Callable[..., str], kafka_bootstrap: str, consume_all: Callable[..., list[InRecord]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With the default bound (10,000 records) this backlog is aligned without a single client pause."""
+    monkeypatch.setenv("DATA_PROC_AUDIT_ENABLED", "false")
+    source, sink = topic_factory("align-in", 3), topic_factory("align-out", 1)
+    _produce_backlog(kafka_bootstrap, source)
+    processor = MergingProcessor(sink)
+    outputs, loop = await _drain(_settings(kafka_bootstrap, BOUND_MS), processor, source, consume_all, sink)
+    _assert_exactly_once(outputs)
+    alignment, held = loop._alignment, loop._held
+    assert alignment is not None
+    assert held is not None
+    assert alignment.pauses > 0
+    assert held.client_pauses == 0
+    lateness, where = _lateness(outputs)
+    assert lateness <= BOUND_MS * 1_000_000 + max(processor.advances), where
+
+
+class SlowMerging(MergingProcessor):
+    """Takes 20 ms per batch: the drain lasts long enough for partitions to move while records are held."""
+
+    async def process(self, batch: list[InRecord]) -> BatchResult:
+        await asyncio.sleep(0.02)
+        return await super().process(batch)
+
+
+async def test_held_records_are_read_again_after_a_rebalance_exactly_once(
+    topic_factory: Callable[..., str], kafka_bootstrap: str, consume_all: Callable[..., list[InRecord]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A second instance joins and leaves while the first holds records: nothing lost, nothing twice."""
+    monkeypatch.setenv("DATA_PROC_AUDIT_ENABLED", "false")
+    source, sink = topic_factory("align-in", 3), topic_factory("align-out", 1)
+    _produce_backlog(kafka_bootstrap, source)
+    group = f"align-{uuid.uuid4().hex}"
+
+    def settings() -> Settings:
+        return load_settings(service="aligntest", instance_id=uuid.uuid4().hex[:8],
+                             kafka_bootstrap=kafka_bootstrap, kafka={"group_id": group},
+                             loop={"batch_size": 20, "batch_timeout_ms": 50, "align_max_ahead_ms": BOUND_MS,
+                                   "align_max_pause_ms": 10_000, "session_timeout_ms": 6_000})
+
+    metrics = ServiceMetrics("aligntest")
+    first = KafkaLoop(settings(), SlowMerging(sink), input_topics=[source], metrics=metrics)
+    second = KafkaLoop(settings(), SlowMerging(sink), input_topics=[source], metrics=metrics)
+    dropped: list[int] = []
+    drop_held = first._drop_held
+
+    def spy(seen: dict[tuple[str, int], int] | None) -> dict[tuple[str, int], int]:
+        dropped.append(len(first._held) if first._held is not None else 0)
+        return drop_held(seen)
+
+    rolled_back: list[int] = []
+    rewound = first._rewound_alignment
+
+    def spy_rewound() -> None:
+        # a commit refused while the group rebalances rolls the cycle back: held records dropped there
+        rolled_back.append(len(first._held) if first._held is not None else 0)
+        rewound()
+
+    monkeypatch.setattr(first, "_drop_held", spy)
+    monkeypatch.setattr(first, "_rewound_alignment", spy_rewound)
+    stop_first, stop_second = asyncio.Event(), asyncio.Event()
+    task_first = asyncio.create_task(first.run(stop_first))
+    try:
+        deadline = asyncio.get_running_loop().time() + 60
+        while first.committed_cycles < 10 or first._held is None or len(first._held) == 0:
+            assert asyncio.get_running_loop().time() < deadline, "the first instance never held records"
+            await asyncio.sleep(0.01)
+        task_second = asyncio.create_task(second.run(stop_second))
+        while not second.assigned:
+            assert asyncio.get_running_loop().time() < deadline + 60, "the second one never got partitions"
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(1.0)
+        stop_second.set()
+        await asyncio.wait_for(task_second, 60)
+        outputs = await asyncio.to_thread(consume_all, [sink], expected=3 * PER_PARTITION, timeout=120)
+    finally:
+        stop_first.set()
+        stop_second.set()
+        await asyncio.wait_for(task_first, 60)
+    _assert_exactly_once(outputs)
+    assert len(dropped) >= 2  # the first instance saw the join and the leave
+    assert max(dropped + rolled_back) > 0, (dropped, rolled_back)  # records were held when partitions moved

@@ -206,6 +206,11 @@ class LoopOptions(BaseModel):
     align_max_ahead_ms: int = Field(default=1_000, ge=0, le=3_600_000)
     #: Longest pause by the alignment before the partition is let through once (starvation guard).
     align_max_pause_ms: int = Field(default=500, ge=100, le=3_600_000)
+    #: A held partition's records stay in the loop (no client pause, so nothing prefetched is purged
+    #: and fetched again) up to these bounds per partition; past either, the partition is paused in
+    #: the client until its held records are below half of both.
+    align_hold_records: int = Field(default=10_000, ge=1, le=1_000_000)
+    align_hold_bytes: int = Field(default=16 * 1024 * 1024, ge=1_024, le=1024**3)
     #: An open transaction on a needed partition (input, changelog) whose producer wrote nothing for
     #: this long is *hanging* and gets its missing marker (`dataproc_shared.kafka.hanging`). Unset:
     #: the brokers' `transaction.max.timeout.ms`, the longest any transaction may stay open. Set it

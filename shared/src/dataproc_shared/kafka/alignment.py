@@ -19,13 +19,26 @@ wall time (a starvation guard: its frozen event time may come from an outlier re
 tick stamped minutes in the future); a partition resumed by the guard is not paused again before
 it has reported a new event time.
 
+Holding a partition does not pause it in the client: pausing makes librdkafka purge the records it
+has prefetched for the partition, and resuming fetches them again (in a drain this cost a quarter of
+the pipeline's throughput). The loop keeps consuming and `HeldRecords` keeps the held partitions'
+records, in offset order, until the partition is released; then they are processed before any
+record of that partition consumed later. Only a buffer that passes its bound (records or bytes) has
+its partition paused in the client, until it has drained below half the bound. Held records are
+never processed, so the offsets committed for a partition (last processed record + 1) never pass a
+held record; whoever drops held records (rollback, rebalance) seeks the partition back to the first
+dropped offset or to the committed offset.
+
 This module is pure (no client calls); `KafkaLoop` applies its decisions with `pause`/`resume`.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
+
+from dataproc_shared.records import InRecord
 
 TP = tuple[str, int]
 
@@ -98,13 +111,13 @@ class Alignment:
             self.exempt.difference_update(event_ns)
 
     def rewound(self) -> None:
-        """Every partition went back to its committed offset (aborted cycle): event times are unknown.
+        """Every partition went back to its committed offset (rolled-back cycle).
 
-        The pauses stay recorded, so the next decision resumes them; until each partition has
-        reported again, the ones with records waiting hold the others back.
+        The event times and holds stay: only committed cycles report event times, so they are the
+        event times of the last committed records, right where consumption starts again. (Clearing
+        them let the first batch after the rewind, possibly of the partition furthest ahead alone,
+        run before the others had reported: one batch beyond the bound.)
         """
-        self.event_ns.clear()
-        self.exempt.clear()
 
     def forget(self, partitions: Iterable[TP]) -> None:
         """Partitions left the assignment (their pause went with them)."""
@@ -145,3 +158,123 @@ class Alignment:
     def held(self) -> frozenset[TP]:
         """Partitions currently paused by the alignment (other pauses must not resume them)."""
         return frozenset(self.paused)
+
+
+class HeldRecords:
+    """Records of the partitions the alignment holds back, in offset order per partition.
+
+    A partition's records go to its buffer while it is held and, after its release, while earlier
+    records of it are still buffered (per-partition order). `max_records`/`max_bytes` bound one
+    partition's buffer: past either, the partition is to be paused in the client (`bound_changes`)
+    until its buffer is below half of both.
+    """
+
+    def __init__(self, max_records: int, max_bytes: int) -> None:
+        """Bounds of one partition's buffer (records, key + value bytes), both > 0."""
+        if max_records <= 0 or max_bytes <= 0:
+            raise ValueError("the bounds must be positive")
+        self.max_records = max_records
+        self.max_bytes = max_bytes
+        self._buffers: dict[TP, deque[InRecord]] = {}
+        self._bytes: dict[TP, int] = {}
+        #: Partitions paused in the client because their buffer passed the bound.
+        self.paused: set[TP] = set()
+        #: Partitions paused in the client so far (each pause counts 1).
+        self.client_pauses = 0
+
+    def __len__(self) -> int:
+        """Records held, all partitions."""
+        return sum(len(buf) for buf in self._buffers.values())
+
+    def active(self) -> bool:
+        """Whether anything is held or paused in the client."""
+        return bool(self._buffers) or bool(self.paused)
+
+    def waiting(self) -> set[TP]:
+        """Partitions with held records."""
+        return set(self._buffers)
+
+    def size(self, tp: TP) -> int:
+        """Records held of `tp`."""
+        buf = self._buffers.get(tp)
+        return len(buf) if buf is not None else 0
+
+    def route(self, records: list[InRecord], holding: Collection[TP]) -> list[InRecord]:
+        """The records to process now; the others (held partitions, or earlier records held) are kept.
+
+        `records` are freshly consumed, in consumption order.
+        """
+        buffers = self._buffers
+        if not holding and not buffers:
+            return records
+        ready: list[InRecord] = []
+        sizes = self._bytes
+        for rec in records:
+            tp = (rec.topic, rec.partition)
+            if tp in holding or tp in buffers:
+                buf = buffers.get(tp)
+                if buf is None:
+                    buf = buffers[tp] = deque()
+                    sizes[tp] = 0
+                buf.append(rec)
+                sizes[tp] += _size(rec)
+            else:
+                ready.append(rec)
+        return ready
+
+    def release(self, holding: Collection[TP], limit: int) -> list[InRecord]:
+        """Up to `limit` held records of partitions no longer held, oldest first per partition."""
+        out: list[InRecord] = []
+        for tp in sorted(self._buffers):
+            if len(out) >= limit:
+                break
+            if tp in holding:
+                continue
+            buf = self._buffers[tp]
+            freed = 0
+            while buf and len(out) < limit:
+                rec = buf.popleft()
+                freed += _size(rec)
+                out.append(rec)
+            self._bytes[tp] -= freed
+            if not buf:
+                del self._buffers[tp], self._bytes[tp]
+        return out
+
+    def bound_changes(self) -> tuple[frozenset[TP], frozenset[TP]]:
+        """Partitions to pause and to resume in the client now, per the bounds; updates `paused`."""
+        pause = frozenset(
+            tp for tp, buf in self._buffers.items()
+            if tp not in self.paused and (len(buf) >= self.max_records or self._bytes[tp] >= self.max_bytes))
+        resume = frozenset(
+            tp for tp in self.paused
+            if self.size(tp) < self.max_records // 2 and self._bytes.get(tp, 0) < self.max_bytes // 2)
+        self.paused.difference_update(resume)
+        self.paused.update(pause)
+        self.client_pauses += len(pause)
+        return pause, resume
+
+    def drop(self, partitions: Iterable[TP] | None = None) -> dict[TP, int]:
+        """Forget the held records (of `partitions`, default all); the first dropped offset per partition.
+
+        The caller seeks each partition that stays assigned back to that offset (or to an earlier one,
+        e.g. the committed offset), so the dropped records are read again.
+        """
+        tps = list(self._buffers) if partitions is None else [tp for tp in partitions if tp in self._buffers]
+        first = {}
+        for tp in tps:
+            buf = self._buffers.pop(tp)
+            self._bytes.pop(tp, None)
+            if buf:
+                first[tp] = buf[0].offset
+        return first
+
+    def forget(self, partitions: Iterable[TP]) -> None:
+        """Partitions left the assignment: their records and client pause go with them."""
+        parts = list(partitions)
+        self.drop(parts)
+        self.paused.difference_update(parts)
+
+
+def _size(rec: InRecord) -> int:
+    return len(rec.value or b"") + len(rec.key or b"")

@@ -115,7 +115,7 @@ from dataproc_shared.audit import AuditEmitter, lifecycle_event
 from dataproc_shared.config import Settings, consumer_config, producer_config
 from dataproc_shared.deadletter import TRUNCATED_HEADER, dead_letter_audit_event, dead_letter_record
 from dataproc_shared.errors import DataProcError
-from dataproc_shared.kafka.alignment import Alignment
+from dataproc_shared.kafka.alignment import Alignment, HeldRecords
 from dataproc_shared.kafka.hanging import HangingTransactionResolver
 from dataproc_shared.kafka.retry import Retry
 from dataproc_shared.metrics import ServiceMetrics, observe_many
@@ -318,6 +318,17 @@ class _Batch:
         """Next offsets to commit (last consumed + 1) per partition."""
         return [TopicPartition(t, p, off + 1) for (t, p), off in self.last.items()]
 
+    @classmethod
+    def of(cls, records: list[InRecord]) -> _Batch:
+        """A batch of `records` (each partition's in offset order), with its offsets per partition."""
+        batch = cls(records)
+        first, last = batch.first, batch.last
+        for rec in records:
+            tp = (rec.topic, rec.partition)
+            first.setdefault(tp, rec.offset)
+            last[tp] = rec.offset
+        return batch
+
 
 class KafkaLoop:
     """Consume -> process -> produce -> commit, under the configured processing guarantee."""
@@ -380,6 +391,8 @@ class KafkaLoop:
             Alignment(self._opts.align_max_ahead_ms * 1_000_000, self._opts.align_max_pause_ms * 1_000_000)
             if self._opts.align_max_ahead_ms > 0 else None
         )
+        self._held = (HeldRecords(self._opts.align_hold_records, self._opts.align_hold_bytes)
+                      if self._alignment is not None else None)
         self._align_start: dict[TP, int] = {}
         #: committed offset of each partition not consumed since its assignment (lag), -1: none
         self._lag_start: dict[TP, int] = {}
@@ -634,15 +647,24 @@ class KafkaLoop:
         self._heartbeat()
         await self._backpressure()
         waited = time.perf_counter()
-        msgs = await asyncio.to_thread(self._consume, consumer)
-        started = time.perf_counter()
-        if msgs:
-            # the wait that ended with records (idle waits say nothing about latency)
-            self._metrics.step("consume", started - waited)
-        if self._events:
-            await self._handle_rebalance(msgs)
-            return
-        batch = self._to_batch(msgs)
+        if self._holding():
+            batch, seen = await asyncio.to_thread(self._consume_aligned, consumer)
+            started = time.perf_counter()
+            if batch.records:
+                self._metrics.step("consume", started - waited)
+            if self._events:
+                await self._handle_rebalance([], seen)
+                return
+        else:
+            msgs = await asyncio.to_thread(self._consume, consumer)
+            started = time.perf_counter()
+            if msgs:
+                # the wait that ended with records (idle waits say nothing about latency)
+                self._metrics.step("consume", started - waited)
+            if self._events:
+                await self._handle_rebalance(msgs)
+                return
+            batch = self._to_batch(msgs)
         result = BatchResult()
         if batch.records:
             self._metrics.consumed(batch.records)
@@ -1085,10 +1107,15 @@ class KafkaLoop:
 
     # ---- rebalance ----------------------------------------------------------------------------
 
-    async def _handle_rebalance(self, msgs: list[Message]) -> None:
+    async def _handle_rebalance(self, msgs: list[Message], seen: dict[TP, int] | None = None) -> None:
+        """Apply the rebalance events served by the last consume call.
+
+        `seen`: first offset per partition of the records the cycle took out of the consumer or the
+        held records (alignment) before the rebalance; like `msgs`, they are read again.
+        """
         consumer = self._c
         events, self._events = self._events, []
-        first_seen: dict[TP, int] = {}
+        first_seen: dict[TP, int] = self._drop_held(seen)
         for msg in msgs:
             err = msg.error()
             if err is not None and (err.fatal() or err.code() == KafkaError._FATAL):
@@ -1210,11 +1237,11 @@ class KafkaLoop:
     # ---- event-time alignment of input partitions (dataproc_shared.kafka.alignment) -----------
 
     async def _align(self, reached: dict[TP, int]) -> None:
-        """Take the processor's event times and pause/resume partitions per the alignment.
+        """Take the processor's event times and hold/release partitions per the alignment.
 
-        Pausing purges the partition's prefetched records in librdkafka; fetching restarts at the
-        position (last record handed to the loop + 1) on resume, so nothing is skipped or repeated.
-        Offsets to commit always come from the batch, and a rewind seeks paused partitions too.
+        A held partition is not paused in the client (that would purge its prefetched records): its
+        records are kept by `HeldRecords` as they are consumed (`_consume_aligned`). Offsets to
+        commit always come from the batch, so they never pass a held record.
         """
         alignment = self._alignment
         if alignment is None:
@@ -1225,21 +1252,76 @@ class KafkaLoop:
         await asyncio.to_thread(self._apply_alignment, alignment)
 
     def _apply_alignment(self, alignment: Alignment) -> None:
-        consumer = self._c
         decision = alignment.decide(self._waiting(), time.monotonic_ns())
+        if decision.pause or decision.resume:
+            self._metrics.alignment(len(alignment.paused), len(decision.pause))
+            log.debug("alignment", service=self._service, held=sorted(decision.pause),
+                      released=sorted(decision.resume))
+
+    def _holding(self) -> bool:
+        """Whether the alignment holds partitions or records (the cycle then uses `_consume_aligned`)."""
+        alignment, held = self._alignment, self._held
+        return alignment is not None and held is not None and (bool(alignment.paused) or held.active())
+
+    def _consume_aligned(self, consumer: Consumer) -> tuple[_Batch, dict[TP, int]]:
+        """The cycle's input while the alignment holds partitions (worker thread).
+
+        First the held records of released partitions (up to `batch_size`), then consumed records;
+        those of held partitions, and of partitions with earlier records still held, are kept in
+        `HeldRecords`. While the batch is not full and the consumer handed out all that was asked
+        for, it is asked again without waiting, so held records do not shrink the batch. A partition
+        whose held records pass the bound is paused in the client (at once, so its prefetch stops
+        filling the buffer) and resumed once they are below half of it.
+
+        Returns the batch and, per partition, the first offset the cycle took out of the consumer
+        or the held records (for `_handle_rebalance` when a consume call served a rebalance).
+        """
+        alignment, held = self._alignment, self._held
+        if alignment is None or held is None:
+            return _Batch(), {}
+        size = self._opts.batch_size
+        holding = alignment.paused
+        records = held.release(holding, size)
+        seen: dict[TP, int] = {}
+        for rec in records:
+            seen.setdefault((rec.topic, rec.partition), rec.offset)
+        timeout = 0.0 if records else self._opts.batch_timeout_ms / 1000
+        while len(records) < size and not self._events:
+            want = 1 if timeout else size - len(records)
+            msgs: list[Message] = consumer.consume(want, timeout)
+            timeout = 0.0
+            fresh = self._to_batch(msgs).records
+            for rec in fresh:
+                seen.setdefault((rec.topic, rec.partition), rec.offset)
+            records += held.route(fresh, holding)
+            self._apply_hold_bounds(consumer, held)
+            if len(msgs) < want:
+                break
+        self._apply_hold_bounds(consumer, held)
+        return _Batch.of(records), seen
+
+    def _apply_hold_bounds(self, consumer: Consumer, held: HeldRecords) -> None:
+        pause, resume = held.bound_changes()
         try:
-            if decision.pause:
-                consumer.pause([TopicPartition(t, p) for t, p in sorted(decision.pause)])
-            if decision.resume:
-                consumer.resume([TopicPartition(t, p) for t, p in sorted(decision.resume)])
+            if pause:
+                consumer.pause([TopicPartition(t, p) for t, p in sorted(pause)])
+            if resume:
+                consumer.resume([TopicPartition(t, p) for t, p in sorted(resume)])
         except KafkaException as exc:
             # A partition that is going away with a rebalance the next consume serves; the
             # rebalance forgets its alignment state.
             log.info("alignment: pause/resume failed", service=self._service, error=str(exc))
-        if decision.pause or decision.resume:
-            self._metrics.alignment(len(alignment.paused), len(decision.pause))
-            log.debug("alignment", service=self._service, paused=sorted(decision.pause),
-                      resumed=sorted(decision.resume))
+        if pause:
+            log.debug("alignment: held records over the bound, partitions paused", service=self._service,
+                      partitions=sorted(pause), held=len(held))
+
+    def _drop_held(self, seen: dict[TP, int] | None) -> dict[TP, int]:
+        """Forget every held record; the lowest offset per partition among them and `seen`."""
+        first = dict(seen or {})
+        if self._held is not None:
+            for tp, offset in self._held.drop().items():
+                first[tp] = min(offset, first.get(tp, offset))
+        return first
 
     def _waiting(self) -> set[TP]:
         """Assigned partitions with records waiting: cached high watermark above the position.
@@ -1263,6 +1345,8 @@ class KafkaLoop:
                     waiting.add(key)
         except KafkaException as exc:
             log.info("alignment: position look-up failed", service=self._service, error=str(exc))
+        if self._held is not None:
+            waiting |= self._held.waiting()
         return waiting
 
     def _start_offset(self, tp: TP, low: int) -> int:
@@ -1277,20 +1361,29 @@ class KafkaLoop:
     def _forget_alignment(self, parts: list[TP]) -> None:
         if self._alignment is not None:
             self._alignment.forget(parts)
+            if self._held is not None:
+                self._held.forget(parts)
             for tp in parts:
                 self._align_start.pop(tp, None)
             self._metrics.alignment(len(self._alignment.paused), 0)
 
     def _rewound_alignment(self) -> None:
+        """After a rewind to the committed offsets: the held records are dropped (they are read again).
+
+        With a rebalance pending, `_rewind` did not seek: the held records stay for
+        `_handle_rebalance`, which drops them and seeks back the partitions that stay assigned.
+        """
         if self._alignment is not None:
             self._alignment.rewound()
             self._align_start.clear()
+            if self._held is not None and not self._events:
+                self._held.drop()
 
     def _not_held(self, tps: list[TopicPartition]) -> list[TopicPartition]:
-        """`tps` without the partitions the alignment keeps paused."""
-        if self._alignment is None or not self._alignment.paused:
+        """`tps` without the partitions paused in the client for the alignment (too many held)."""
+        if self._held is None or not self._held.paused:
             return tps
-        held = self._alignment.held()
+        held = self._held.paused
         return [tp for tp in tps if (tp.topic, tp.partition) not in held]
 
     # ---- backpressure, lag --------------------------------------------------------------------
