@@ -20,7 +20,8 @@
    timer and are counted apart (`final_bars_closed_after_feed`).
 5. CPU microseconds per tick and peak RSS of every process.
 
-Writes `bench-results/bench-<time>.json` and `.png`. Needs `make up` and the reference data loaded.
+Writes `bench-results/bench-<time>.json` and `.png`. Needs `make up`; applies the PostgreSQL
+migrations and loads the reference data itself (both idempotent).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from typing import Any
 
 from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
+from dataproc_shared.config import TopicOptions
 
 from dptools.pipeline import REPO, SERVICES, Pipeline, http_get
 from dptools.produce import load_instruments_from_postgres
@@ -144,10 +146,13 @@ def watch(first: Callable[[], float], done: Callable[[], bool], timeout: float) 
     raise TimeoutError("chain did not finish in time")
 
 
-def create_topics(admin: AdminClient, names: list[str], partitions: int, compacted: set[str]) -> None:
-    """Create topics and wait for them."""
+def create_topics(admin: AdminClient, names: list[str], partitions: int, compacted: set[str],
+                  configs: dict[str, dict[str, str]] | None = None) -> None:
+    """Create topics (`configs`: extra topic settings by name) and wait for them."""
+    extra = configs or {}
     new = [NewTopic(n, num_partitions=partitions, replication_factor=1,
-                    config={"cleanup.policy": "compact"} if n in compacted else {}) for n in names]
+                    config={**({"cleanup.policy": "compact"} if n in compacted else {}), **extra.get(n, {})})
+           for n in names]
     for future in admin.create_topics(new, operation_timeout=30).values():
         future.result()
 
@@ -426,6 +431,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     env = dict(os.environ)
     bootstrap, dsn = env["DATA_PROC_KAFKA_BOOTSTRAP"], env["DATA_PROC_POSTGRES_DSN"]
+    # the reference tables and their rows, idempotently (as the main job does): the generator and
+    # enrichment read the instruments from PostgreSQL
+    for tool in (("dptools.migrate", "postgres"), ("dptools.refdata", "load")):
+        subprocess.run([sys.executable, "-m", *tool], check=True, cwd=REPO, stdout=subprocess.DEVNULL)
     redis_url = re.sub(r"/\d+$", f"/{args.redis_db}", env["DATA_PROC_REDIS_URL"])
     run_id = uuid.uuid4().hex[:8]
     work = args.out / f"run-{run_id}"
@@ -436,8 +445,11 @@ def main(argv: list[str] | None = None) -> int:
         "RAW", "NORMALIZED", "ENRICHED", "BARS", "DEADLETTER", "NORMALIZATION_DEDUP_CHANGELOG",
         "AGGREGATION_WINDOWS_CHANGELOG")}
     audit = f"bench-{run_id}-audit"
+    # the dead-letter topic's size limit as the topic plan sets it (services check it at start)
+    deadletter_size = {"max.message.bytes": str(TopicOptions().deadletter_message_limit)}
     create_topics(admin, [*names.values(), audit], partitions,
-                  {names["NORMALIZATION_DEDUP_CHANGELOG"], names["AGGREGATION_WINDOWS_CHANGELOG"]})
+                  {names["NORMALIZATION_DEDUP_CHANGELOG"], names["AGGREGATION_WINDOWS_CHANGELOG"]},
+                  {names["DEADLETTER"]: deadletter_size})
     results: dict[str, Any] = {
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                     "python": platform.python_version(), "host": platform.node()},
