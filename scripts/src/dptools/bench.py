@@ -399,7 +399,10 @@ def phase_figures(before: tuple[float, Samples], after: tuple[float, Samples], t
     cycles = delta("dp_transactions_total", outcome="committed")
     batches = delta("dp_batch_size_count")
     return {"cpu_us_per_tick": (cpu1 - cpu0) / ticks * 1e6 if ticks else 0.0,
+            "cpu_us_per_cycle": (cpu1 - cpu0) / cycles * 1e6 if cycles else 0.0,
             "cycles_per_s": cycles / seconds if seconds else 0.0,
+            # e.g. the aggregation's late trades after an idle close between phases
+            "dead_letters": delta("dp_dead_letters_total"),
             "mean_batch": delta("dp_batch_size_sum") / batches if batches else 0.0}
 
 
@@ -424,6 +427,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--open-loop-seconds", type=float, default=30.0)
     parser.add_argument("--rates", default="0.25,0.5,0.75",
                         help="open-loop rates as shares of the drain rate")
+    parser.add_argument("--open-loop-rates", default=None, metavar="TICKS_PER_S,...",
+                        help="open-loop rates in ticks/s instead of shares of the drain rate (the same "
+                             "load for runs of different code)")
     parser.add_argument("--redis-db", type=int, default=2, help="Redis database of the benchmark (flushed)")
     parser.add_argument("--out", type=Path, default=REPO / "bench-results")
     parser.add_argument("--drain-only", action="store_true",
@@ -520,7 +526,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  late trades {results['pipeline_drain']['late_trades']}", flush=True)
 
         results["open_loop"] = []
-        for share in () if args.drain_only else (float(x) for x in args.rates.split(",")):
+        # (share of the drain rate, seed of the phase's ticks): fixed rates keep their seed across runs
+        if args.drain_only:
+            phases: list[tuple[float, int]] = []
+        elif args.open_loop_rates:
+            phases = [(float(x) / drain_rate, int(float(x))) for x in args.open_loop_rates.split(",")]
+        else:
+            phases = [(float(x), int(float(x) * 100)) for x in args.rates.split(",")]
+        for share, seed in phases:
             rate = share * drain_rate
             print(f"open loop at {share:.0%} of the drain rate ({rate:.0f} ticks/s) ...", flush=True)
             listener.tick_latency_ms.clear()
@@ -529,8 +542,7 @@ def main(argv: list[str] | None = None) -> int:
             before = {s: (cpu_seconds(pids[s]), scrape(url(s))) for s in SERVICES}
             since_ns = time.time_ns()
             listener.recording = True
-            sent, feed_end_ns = open_loop(bootstrap, names["RAW"], rate, args.open_loop_seconds, dsn,
-                                          int(share * 100))
+            sent, feed_end_ns = open_loop(bootstrap, names["RAW"], rate, args.open_loop_seconds, dsn, seed)
             pipe.wait_drained(timeout=300, settle=2)
             listener.recording = False
             phase_s = (time.time_ns() - since_ns) / 1e9
@@ -549,6 +561,10 @@ def main(argv: list[str] | None = None) -> int:
             results["open_loop"].append(entry)
             print(f"  tick->redis {entry['tick_to_redis_ms']}", flush=True)
             print(f"  window close->final bar {entry['window_close_to_final_bar_ms']}", flush=True)
+            for name, f in entry["services"].items():
+                print(f"  {name}: {f['cpu_us_per_tick']:.1f} CPU µs/tick, "
+                      f"{f['cpu_us_per_cycle']:.0f} µs/cycle, {f['cycles_per_s']:.1f} cycles/s, "
+                      f"mean batch {f['mean_batch']:.0f}, dead letters {f['dead_letters']:.0f}", flush=True)
         results["peak_rss_mib"] = {s: peak_rss_mib(p) for s, p in pids.items()}
     finally:
         listener.close()
