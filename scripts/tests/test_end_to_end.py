@@ -355,8 +355,9 @@ def scrape_health(prometheus: PrometheusServer) -> str:
 
 
 def _metric_sum(pipe: Pipeline, service: str, name: str) -> int:
-    status, body = http_get(pipe.url(service, "/metrics"))
-    assert status == 200
+    # one request, not a poll: a loaded machine gets more than http_get's default 2 s to answer
+    status, body = http_get(pipe.url(service, "/metrics"), timeout=30)
+    assert status == 200, f"{service} /metrics: {status}"
     total = 0.0
     for line in body.decode().splitlines():
         if line.startswith(name + "{") or line.startswith(name + " "):
