@@ -167,7 +167,12 @@ class Pipeline:
         return lag, consumed
 
     def wait_drained(self, timeout: float = 300.0, settle: float = 3.0) -> None:
-        """Block until every service has zero lag and consumed nothing new for `settle` seconds."""
+        """Block until every service has zero lag and consumed nothing new for `settle` seconds.
+
+        Consumed, not necessarily committed: the lag counts from the consumer's position, which
+        moves when a record is taken, and is refreshed every 10 s. A check that reads what the
+        services wrote (Redis, ClickHouse, output topics) waits for `wait_committed` as well.
+        """
         deadline = time.monotonic() + timeout
         last: tuple[float, float] | None = None
         since = time.monotonic()
