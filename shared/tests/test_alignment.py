@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from dataproc_shared.kafka.alignment import UNKNOWN, Alignment, HeldRecords, ahead_partitions, frontier
+from dataproc_shared.kafka.alignment import UNKNOWN, Alignment, HeldRecords, Quota, ahead_partitions, frontier
 from dataproc_shared.records import BatchResult, InRecord
 
 S = 1_000_000_000
@@ -230,3 +230,63 @@ def test_forget_drops_the_records_and_the_client_pause_of_revoked_partitions() -
 def test_held_bounds_must_be_positive() -> None:
     with pytest.raises(ValueError, match="positive"):
         HeldRecords(max_records=0, max_bytes=1)
+
+
+def test_the_guard_leaves_a_hold_alone_while_the_frontier_catches_up_fast() -> None:
+    al = Alignment(max_ahead_ns=S, max_pause_ns=10 * S)
+    al.report({A: 0, B: 300 * S})
+    assert al.decide({A, B}, 0).pause == {B}
+    # a backlog: A advances 5 s of event time per second of wall time, B stays held past the guard
+    for t in range(1, 40):
+        al.report({A: 5 * t * S})
+        assert al.decide({A, B}, t * S).resume == frozenset(), t
+    assert al.guard_resumes == 0
+    # A slows to the wall clock (live): the first guard interval with it alone lets B through
+    resumed = []
+    for t in range(40, 60):
+        al.report({A: (156 + t) * S})
+        if al.decide({A, B}, t * S).resume:
+            resumed.append(t)
+    assert al.guard_resumes == 1
+    assert resumed == [55]
+
+
+def test_shares_bring_every_waiting_partition_to_one_event_time_level() -> None:
+    al = Alignment(max_ahead_ns=S, max_pause_ns=10 * S)
+    # A: 1 ms of event time per record, B: 25 ms; then A is 1 s behind B
+    al.report({A: 0, B: 10 * S}, {A: 0, B: 0})
+    al.report({A: 1 * S, B: 35 * S}, {A: 1000, B: 1000})
+    al.report({A: 34 * S}, {A: 34_000})
+    al.decide({A, B}, 0)
+    quotas = al.quotas(2000)
+    assert quotas is not None
+    assert 1990 <= quotas[A] + quotas[B] <= 2000
+    assert quotas[B] > 0
+    level_a = al.event_ns[A] + quotas[A] * 1_000_000
+    level_b = al.event_ns[B] + quotas[B] * 25_000_000
+    assert abs(level_a - level_b) <= 25_000_000
+    # B far ahead: it gets nothing until A has caught up
+    al.report({B: 100 * S}, {B: 3600})
+    assert al.quotas(1000) == {A: 1000, B: 0}
+
+
+def test_shares_are_equal_until_there_are_estimates_and_none_with_one_partition_waiting() -> None:
+    al = Alignment(max_ahead_ns=S, max_pause_ns=10 * S)
+    al.assigned([A, B, C])
+    assert al.quotas(300) == {A: 100, B: 100, C: 100}
+    al.report({A: 0}, {A: 5})
+    assert al.decide({A}, 0) == al.decide({A}, 1)
+    assert al.quotas(300) is None
+
+
+def test_a_quota_keeps_a_partitions_records_past_its_share() -> None:
+    held = HeldRecords(max_records=100, max_bytes=10**6)
+    quota = Quota({A: 2, B: 0})
+    ready = held.route([rec(A, 0), rec(A, 1), rec(A, 2), rec(B, 0), rec(C, 0)], set(), quota)
+    assert [(r.partition, r.offset) for r in ready] == [(0, 0), (0, 1)]
+    assert (held.size(A), held.size(B), held.size(C)) == (1, 1, 1)  # C: not waiting, no share
+    assert quota.closed() == {A, B}
+    nxt = Quota({A: 5, B: 1, C: 1})
+    released = held.release(set(), 10, nxt)
+    assert [(r.partition, r.offset) for r in released] == [(0, 2), (1, 0), (2, 0)]
+    assert nxt.room(A) == 4

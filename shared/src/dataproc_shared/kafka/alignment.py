@@ -14,10 +14,24 @@ partition with records waiting but no event time known yet (just assigned, nothi
 processed) holds every other one back until it has reported: it is never paused itself, and this
 keeps the first partition that happens to be fetched from running ahead at the start of a backlog.
 A paused partition resumes once it is no more than `max_ahead_ns / 2` ahead (hysteresis against
-pausing and resuming every cycle), once nothing is waiting behind it, or after `max_pause_ns` of
-wall time (a starvation guard: its frozen event time may come from an outlier record, e.g. a
-tick stamped minutes in the future); a partition resumed by the guard is not paused again before
-it has reported a new event time.
+pausing and resuming every cycle), once nothing is waiting behind it, or by the starvation guard:
+after `max_pause_ns` of wall time during which the frontier did not advance at least twice as
+fast as the wall clock (`CATCH_UP_RATE`). The guard is for a frozen event time that nothing will
+catch up with soon, e.g. an outlier record stamped minutes in the future while the others are live;
+a partition resumed by the guard is not paused again before it has reported a new event time. While
+the frontier catches up faster than that (a backlog), the hold lasts until it has caught up, however
+long the cycles take: a guard on wall time alone let a partition through every `max_pause_ns` in a
+loaded drain, and the partitions drifted thousands of seconds apart.
+
+While two or more partitions have records waiting, `quotas` shares each batch between them: it
+fills the batch up to one event-time level, each partition below it getting the records that bring
+it there (their event time per record is estimated from the offsets and event times of the
+reports), so one batch advances every partition to about the same event time; the shares then
+decide instead of the holds. Without them a batch could be a single partition's records (what
+librdkafka or the held records hand out first, or the frontier partition alone while the others
+were held): a partition with few records per second of event time jumped minutes ahead in one
+batch, and its output stopped for as long as the others needed to catch up (in a drain, long
+enough for a downstream idle timer to close its windows; the rest of them then arrived late).
 
 Holding a partition does not pause it in the client: pausing makes librdkafka purge the records it
 has prefetched for the partition, and resuming fetches them again (in a drain this cost a quarter of
@@ -45,6 +59,10 @@ TP = tuple[str, int]
 
 #: Frontier of a waiting partition whose event time is not known yet: it holds every other one back.
 UNKNOWN = -(2**63)
+
+#: The starvation guard leaves a hold alone while the frontier advances at least this many event-time
+#: ns per wall-clock ns (a backlog being caught up with); live records advance it at about 1.
+CATCH_UP_RATE = 2
 
 
 def frontier(event_ns: Mapping[TP, int], waiting: Collection[TP]) -> int | None:
@@ -99,16 +117,67 @@ class Alignment:
         self.event_ns: dict[TP, int] = {}
         #: Paused partitions and when (monotonic ns) each pause began.
         self.paused: dict[TP, int] = {}
+        #: Per paused partition, the start (monotonic ns) and frontier of its current guard interval.
+        self._interval: dict[TP, tuple[int, int | None]] = {}
         #: Resumed by the starvation guard and not yet reported again.
         self.exempt: set[TP] = set()
+        #: Partitions with records waiting at the last decision.
+        self.waiting: frozenset[TP] = frozenset()
+        #: Event-time ns per record of each partition (estimate from the reports) and the last report.
+        self.step_ns: dict[TP, float] = {}
+        self._last: dict[TP, tuple[int, int]] = {}
         self.pauses = 0
         self.guard_resumes = 0
+        #: Batches shared between the waiting partitions (`quotas`).
+        self.shared_batches = 0
 
-    def report(self, event_ns: Mapping[TP, int]) -> None:
-        """The event times the partitions reached with the last processed batch."""
+    def report(self, event_ns: Mapping[TP, int], offsets: Mapping[TP, int] | None = None) -> None:
+        """The event times the partitions reached with the last processed batch (and its last offsets)."""
         if event_ns:
             self.event_ns.update(event_ns)
             self.exempt.difference_update(event_ns)
+        if offsets:
+            for tp, ts in event_ns.items():
+                offset = offsets.get(tp)
+                if offset is None:
+                    continue
+                last = self._last.get(tp)
+                self._last[tp] = (offset, ts)
+                if last is not None and offset > last[0] and ts >= last[1]:
+                    step = (ts - last[1]) / (offset - last[0])
+                    prev = self.step_ns.get(tp)
+                    self.step_ns[tp] = step if prev is None else (prev + step) / 2
+
+    def quotas(self, size: int) -> dict[TP, int] | None:
+        """Records per partition in a batch of `size`; None (fewer than two waiting): the holds decide.
+
+        While two or more partitions have records waiting, the batch is filled up to one event-time
+        level: each waiting partition below the level gets the records that bring it there (in
+        proportion to its records per event-time ns; the mean estimate stands in for a partition
+        without one yet), a partition above it gets none. So one batch advances every partition to
+        about the same event time, whatever their record rates. Until every waiting partition has
+        an event time and one of them an estimate (the first batches), the shares are equal.
+        """
+        waiting = self.waiting
+        if len(waiting) < 2:
+            return None
+        self.shared_batches += 1
+        known = [self.step_ns[tp] for tp in waiting if self.step_ns.get(tp)]
+        if not known or any(tp not in self.event_ns for tp in waiting):
+            share = max(1, size // len(waiting))
+            return dict.fromkeys(waiting, share)
+        mean = sum(known) / len(known)
+        parts = sorted(waiting, key=lambda tp: self.event_ns[tp])
+        rates = {tp: 1 / max(self.step_ns.get(tp) or mean, 1.0) for tp in parts}
+        level = 0.0
+        weighted = rate_sum = 0.0
+        for i, tp in enumerate(parts):
+            weighted += self.event_ns[tp] * rates[tp]
+            rate_sum += rates[tp]
+            level = (size + weighted) / rate_sum
+            if i + 1 == len(parts) or level <= self.event_ns[parts[i + 1]]:
+                break
+        return {tp: max(0, int((level - self.event_ns[tp]) * rates[tp])) for tp in parts}
 
     def rewound(self) -> None:
         """Every partition went back to its committed offset (rolled-back cycle).
@@ -119,16 +188,24 @@ class Alignment:
         run before the others had reported: one batch beyond the bound.)
         """
 
+    def assigned(self, partitions: Iterable[TP]) -> None:
+        """Newly assigned partitions count as waiting until the next decision (equal first shares)."""
+        self.waiting = self.waiting.union(partitions)
+
     def forget(self, partitions: Iterable[TP]) -> None:
         """Partitions left the assignment (their pause went with them)."""
         for tp in partitions:
             self.event_ns.pop(tp, None)
             self.paused.pop(tp, None)
+            self._interval.pop(tp, None)
             self.exempt.discard(tp)
+            self.step_ns.pop(tp, None)
+            self._last.pop(tp, None)
+        self.waiting = self.waiting.difference(partitions)
 
     def needs_check(self, assigned: Collection[TP]) -> bool:
         """Whether a decision could change anything (cheap; avoids lag look-ups in the common case)."""
-        if self.paused:
+        if self.paused or len(self.waiting) > 1:
             return True
         if not self.event_ns:
             return False
@@ -139,10 +216,12 @@ class Alignment:
 
     def decide(self, waiting: Collection[TP], now_ns: int) -> Decision:
         """Pause/resume given the partitions with records waiting; updates the pause state."""
+        self.waiting = frozenset(waiting)
+        front = frontier(self.event_ns, waiting)
         wanted = ahead_partitions(self.event_ns, waiting, self.paused, self.max_ahead_ns)
         wanted -= self.exempt
-        for tp, since in self.paused.items():
-            if tp in wanted and now_ns - since > self.max_pause_ns:
+        for tp in self.paused:
+            if tp in wanted and self._starved(tp, front, now_ns):
                 wanted.discard(tp)
                 self.exempt.add(tp)
                 self.guard_resumes += 1
@@ -150,10 +229,29 @@ class Alignment:
         pause = frozenset(tp for tp in wanted if tp not in self.paused)
         for tp in resume:
             del self.paused[tp]
+            self._interval.pop(tp, None)
         for tp in pause:
             self.paused[tp] = now_ns
+            self._interval[tp] = (now_ns, front)
         self.pauses += len(pause)
         return Decision(pause=pause, resume=resume)
+
+    def _starved(self, tp: TP, front: int | None, now_ns: int) -> bool:
+        """Whether the guard lets `tp` through: its guard interval is over and the frontier was slow.
+
+        Each interval lasts `max_pause_ns`; one in which the frontier advanced at least
+        `CATCH_UP_RATE` times the wall time starts the next one (the hold goes on). A frontier
+        that is or was unknown counts as not advancing.
+        """
+        started, front0 = self._interval.get(tp, (self.paused[tp], None))
+        elapsed = now_ns - started
+        if elapsed <= self.max_pause_ns:
+            return False
+        if (front is None or front0 is None or front == UNKNOWN or front0 == UNKNOWN
+                or front - front0 < CATCH_UP_RATE * elapsed):
+            return True
+        self._interval[tp] = (now_ns, front)
+        return False
 
     def held(self) -> frozenset[TP]:
         """Partitions currently paused by the alignment (other pauses must not resume them)."""
@@ -199,19 +297,21 @@ class HeldRecords:
         buf = self._buffers.get(tp)
         return len(buf) if buf is not None else 0
 
-    def route(self, records: list[InRecord], holding: Collection[TP]) -> list[InRecord]:
-        """The records to process now; the others (held partitions, or earlier records held) are kept.
+    def route(self, records: list[InRecord], holding: Collection[TP],
+              quota: Quota | None = None) -> list[InRecord]:
+        """The records to process now; the others are kept.
 
-        `records` are freshly consumed, in consumption order.
+        Kept: records of held partitions, of partitions with earlier records held, and past their
+        partition's `quota` in this batch. `records` are freshly consumed, in consumption order.
         """
         buffers = self._buffers
-        if not holding and not buffers:
+        if not holding and not buffers and quota is None:
             return records
         ready: list[InRecord] = []
         sizes = self._bytes
         for rec in records:
             tp = (rec.topic, rec.partition)
-            if tp in holding or tp in buffers:
+            if tp in holding or tp in buffers or (quota is not None and not quota.take(tp)):
                 buf = buffers.get(tp)
                 if buf is None:
                     buf = buffers[tp] = deque()
@@ -222,8 +322,11 @@ class HeldRecords:
                 ready.append(rec)
         return ready
 
-    def release(self, holding: Collection[TP], limit: int) -> list[InRecord]:
-        """Up to `limit` held records of partitions no longer held, oldest first per partition."""
+    def release(self, holding: Collection[TP], limit: int, quota: Quota | None = None) -> list[InRecord]:
+        """Up to `limit` held records of partitions no longer held, oldest first per partition.
+
+        With a `quota`, each partition within it (and the quota charged).
+        """
         out: list[InRecord] = []
         for tp in sorted(self._buffers):
             if len(out) >= limit:
@@ -232,11 +335,15 @@ class HeldRecords:
                 continue
             buf = self._buffers[tp]
             freed = 0
-            while buf and len(out) < limit:
+            before = len(out)
+            end = limit if quota is None else before + min(limit - before, quota.room(tp))
+            while buf and len(out) < end:
                 rec = buf.popleft()
                 freed += _size(rec)
                 out.append(rec)
             self._bytes[tp] -= freed
+            if quota is not None:
+                quota.used(tp, len(out) - before)
             if not buf:
                 del self._buffers[tp], self._bytes[tp]
         return out
@@ -274,6 +381,37 @@ class HeldRecords:
         parts = list(partitions)
         self.drop(parts)
         self.paused.difference_update(parts)
+
+
+class Quota:
+    """Records each partition may still add to the batch being built (`Alignment.quotas`)."""
+
+    __slots__ = ("_floor", "_left")
+
+    def __init__(self, quotas: Mapping[TP, int]) -> None:
+        """`quotas` per partition; a partition not in it (nothing waiting at the decision) gets none."""
+        self._left = dict(quotas)
+        self._floor = 0
+
+    def room(self, tp: TP) -> int:
+        """Records `tp` may still add."""
+        return self._left.get(tp, self._floor)
+
+    def used(self, tp: TP, n: int) -> None:
+        """`tp` added `n` records."""
+        self._left[tp] = self.room(tp) - n
+
+    def closed(self) -> frozenset[TP]:
+        """Partitions without a share in this batch (to be held)."""
+        return frozenset(tp for tp, left in self._left.items() if left <= 0)
+
+    def take(self, tp: TP) -> bool:
+        """One more record of `tp` if its quota allows (counted), else False."""
+        left = self._left.get(tp, self._floor)
+        if left <= 0:
+            return False
+        self._left[tp] = left - 1
+        return True
 
 
 def _size(rec: InRecord) -> int:
