@@ -204,7 +204,8 @@ class LoopOptions(BaseModel):
     #: is paused until that one catches up. 0 turns it off. Keep it well below the aggregation's
     #: allowed lateness (5 s): a partition can overshoot it by how far one batch advances it.
     align_max_ahead_ms: int = Field(default=1_000, ge=0, le=3_600_000)
-    #: Longest pause by the alignment before the partition is let through once (starvation guard).
+    #: Starvation guard: a hold this long during which the frontier advanced less than twice the wall
+    #: time lets the partition through once.
     align_max_pause_ms: int = Field(default=500, ge=100, le=3_600_000)
     #: A held partition's records stay in the loop (no client pause, so nothing prefetched is purged
     #: and fetched again) up to these bounds per partition; past either, the partition is paused in
