@@ -11,6 +11,8 @@ reference computation, dead letters must match by reason, and every record must 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
 import json
 import os
 import socket
@@ -29,7 +31,7 @@ from confluent_kafka import Producer
 from dataproc_shared import avro
 from dataproc_shared.records import InRecord
 from dptools.deploytools import PrometheusServer, overview_queries, write_local_config
-from dptools.pipeline import Pipeline, http_get
+from dptools.pipeline import CHAIN_INPUTS, SERVICES, Pipeline, chain_snapshot, http_get, wait_committed
 from dptools.reference import Arrival, RefBar, arrivals_from_raw, compute, diff_bars
 from dptools.ticks import GeneratorConfig, Instrument, RawTick, Tag, generate
 
@@ -102,7 +104,8 @@ def chain(topic_factory: Callable[..., str], kafka_bootstrap: str, pg_database: 
         "DATA_PROC_AGGREGATION__ALLOWED_LATENESS_MS": str(LATENESS_MS),
         "DATA_PROC_AGGREGATION__IDLE_TIMEOUT_MS": str(IDLE_MS),
         "DATA_PROC_LOOP__TICK_INTERVAL_MS": "200",
-        "DATA_PROC_LOG_LEVEL": "WARNING",
+        # INFO: rebalances, restores, idle closes, producer and consumer replacements (a few lines a run)
+        "DATA_PROC_LOG_LEVEL": "INFO",
     })
     env.update({f"DATA_PROC_TOPICS__{name}": topic for name, topic in topics.items()})
     pipe = Pipeline(env=env, ports={s: free_port() for s in ("normalization", "enrichment", "aggregation",
@@ -112,7 +115,8 @@ def chain(topic_factory: Callable[..., str], kafka_bootstrap: str, pg_database: 
                    for s in pipe.services}
     cleanup: list[Callable[[], None]] = []
     yield {"prefix": prefix, "topics": topics, "pipe": pipe, "per_service": per_service,
-           "redis_url": redis_url, "bootstrap": kafka_bootstrap, "tmp": tmp_path, "cleanup": cleanup}
+           "redis_url": redis_url, "bootstrap": kafka_bootstrap, "tmp": tmp_path, "cleanup": cleanup,
+           "phases": Phases()}
     for step in cleanup:
         step()
     pipe.stop_all()
@@ -136,13 +140,68 @@ def expected_arrivals(ticks: list[RawTick], prefix: str) -> list[Arrival]:
                              lambda venue, symbol: f"{prefix}.{venue}.{symbol}")
 
 
-def wait_until(cond: Callable[[], bool], timeout: float, what: str) -> None:
+def wait_until(cond: Callable[[], bool], timeout: float, what: Callable[[], str]) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if cond():
             return
         time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}")
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what()}")
+
+
+class Phases:
+    """When each phase of the run ended (seconds since the start), for the evidence of a failure."""
+
+    def __init__(self) -> None:
+        self.start = time.monotonic()
+        self.ended: list[tuple[str, float]] = []
+
+    def done(self, name: str) -> None:
+        self.ended.append((name, time.monotonic() - self.start))
+
+    def __str__(self) -> str:
+        return ", ".join(f"{name} {at:.1f}s" for name, at in self.ended) or "(none)"
+
+
+def evidence(chain: dict[str, Any]) -> str:
+    """What explains a failed run: phase timings, where every input partition stands, the services'
+    lag, transactions, rebalances and health, and the tails of their logs. Also written to
+    `evidence.txt` beside the whole logs (`logs/`) in the test's temporary folder."""
+    pipe: Pipeline = chain["pipe"]
+    parts = [f"phases: {chain['phases']}; load average {os.getloadavg()}"]
+    groups = {s: chain["per_service"][s]["DATA_PROC_KAFKA__GROUP_ID"] for s in SERVICES}
+    try:
+        parts.append(chain_snapshot(chain["bootstrap"], pipe, groups, chain["topics"]))
+    except Exception as exc:
+        parts.append(f"chain snapshot failed: {exc!r}")
+    for service in pipe.services:
+        proc = pipe.procs.get(service)
+        code = None if proc is None else proc.poll()
+        state = "running" if proc is not None and code is None else f"exited with {code}"
+        parts.append(f"--- {service} ({state}), last lines of {pipe.log_dir / (service + '.log')}\n"
+                     f"{pipe.log_tail(service, 60)}")
+    text = "\n".join(parts)
+    (chain["tmp"] / "evidence.txt").write_text(text + "\n")
+    return text
+
+
+@contextlib.contextmanager
+def evidence_on_failure(chain: dict[str, Any]) -> Iterator[None]:
+    """Print `evidence` when the block fails (pytest shows it with the failure), services still running."""
+    try:
+        yield
+    except (Exception, pytest.fail.Exception):
+        print(evidence(chain), flush=True)
+        raise
+
+
+def largest_gaps(records: list[InRecord]) -> dict[str, float]:
+    """`topic[partition]` -> the longest time (s, record timestamps) between two consecutive records."""
+    stamps: dict[str, list[int]] = {}
+    for rec in records:
+        stamps.setdefault(f"{rec.topic}[{rec.partition}]", []).append(rec.timestamp_ms)
+    return {tp: max(b - a for a, b in itertools.pairwise(ts)) / 1000
+            for tp, ts in sorted(stamps.items()) if len(ts) > 1}
 
 
 def final_bars_on_topic(records: list[InRecord]) -> list[dict[str, Any]]:
@@ -152,7 +211,13 @@ def final_bars_on_topic(records: list[InRecord]) -> list[dict[str, Any]]:
 
 def test_generated_stream_through_the_whole_chain(chain: dict[str, Any],
                                                   consume_all: Callable[..., list[InRecord]]) -> None:
-    prefix, topics, pipe = chain["prefix"], chain["topics"], chain["pipe"]
+    with evidence_on_failure(chain):
+        _whole_chain(chain, consume_all)
+    print(f"phases: {chain['phases']}")
+
+
+def _whole_chain(chain: dict[str, Any], consume_all: Callable[..., list[InRecord]]) -> None:
+    prefix, topics, pipe, phases = chain["prefix"], chain["topics"], chain["pipe"], chain["phases"]
     cfg = GeneratorConfig(
         count=4000, seed=11, start_ns=(time.time_ns() // 10**9 - 900) * 10**9, step_ns=150 * 10**6,
         malformed_share=0.02, duplicate_share=0.02, out_of_order_share=0.03, late_share=0.01,
@@ -164,11 +229,13 @@ def test_generated_stream_through_the_whole_chain(chain: dict[str, Any],
     tags = Counter(t.tag for t in ticks)
     inactive_sent = sum(1 for t in ticks if t.tag is Tag.UNKNOWN and t.symbol == INACTIVE[1])
     produce(chain["bootstrap"], topics["RAW"], ticks)
+    phases.done("produced")
 
     for service in pipe.services:
         pipe.start(service, chain["per_service"][service])
     for service in pipe.services:
         pipe.wait_ready(service, 180)
+    phases.done("ready")
     # a real Prometheus scrapes the four services during the run (the overview dashboard's queries)
     prometheus = PrometheusServer(write_local_config(chain["tmp"], dict(pipe.ports)))
     prometheus.start()
@@ -180,17 +247,35 @@ def test_generated_stream_through_the_whole_chain(chain: dict[str, Any],
     assert reference.late, "the data set must exercise late trades"
 
     # every window closes: the watermark passes most of them, the idle timer the rest
-    def finals_seen() -> bool:
-        return len(final_bars_on_topic(consume_all([topics["BARS"]], timeout=30))) >= expected_finals
+    seen: list[int] = [0]
 
-    wait_until(finals_seen, 240, f"{expected_finals} final bars on the bars topic")
+    def finals_seen() -> bool:
+        seen[0] = len(final_bars_on_topic(consume_all([topics["BARS"]], timeout=30)))
+        return seen[0] >= expected_finals
+
+    wait_until(finals_seen, 240, lambda: f"{expected_finals} final bars on the bars topic (saw {seen[0]})")
+    phases.done("finals seen")
     pipe.wait_drained(timeout=120)
+    phases.done("drained")
+    # drained above is consumed with zero lag; the checks below need every cycle committed (projection
+    # writes Redis before its commit): the groups' committed offsets reach the end of their inputs
+    wait_committed(chain["bootstrap"], {chain["per_service"][s]["DATA_PROC_KAFKA__GROUP_ID"]:
+                                        [topics[name] for name in CHAIN_INPUTS[s]] for s in pipe.services},
+                   timeout=120)
+    phases.done("committed")
+    normalized_records = consume_all([topics["NORMALIZED"]], timeout=30)
+    enriched_records = consume_all([topics["ENRICHED"]], timeout=30)
+    # a partition that goes without records for the idle timeout has its windows closed early (and
+    # its later trades come out late): how close the run came to that, for a failure's message
+    gaps = (f"largest gap between consecutive records per partition: "
+            f"{largest_gaps(normalized_records + enriched_records)} (idle timeout {IDLE_MS / 1000:.0f}s)")
+    print(gaps)
 
     # 1. the bars topic: every final bar exactly once, equal to the reference
     finals = final_bars_on_topic(consume_all([topics["BARS"]], timeout=30))
     keys = [(b["instrument_id"], b["interval"], b["window_start_ms"]) for b in finals]
     assert len(keys) == len(set(keys)), "a final bar appeared twice on the bars topic"
-    assert diff_bars(reference.bars, {k: b for k, b in zip(keys, finals, strict=True)}) == []
+    assert diff_bars(reference.bars, {k: b for k, b in zip(keys, finals, strict=True)}) == [], gaps
 
     # 2. ClickHouse FINAL through aggregation's read API
     from_ch: dict[tuple[str, str, int], dict[str, Any]] = {}
@@ -204,7 +289,7 @@ def test_generated_stream_through_the_whole_chain(chain: dict[str, Any],
             rows = payload["bars"] if isinstance(payload, dict) else payload
             for row in rows:
                 from_ch[(row["instrument_id"], row["interval"], int(row["window_start_ms"]))] = row
-    assert diff_bars(reference.bars, from_ch) == []
+    assert diff_bars(reference.bars, from_ch) == [], gaps
 
     # 3. Redis: the history of final bars and the latest bar of every instrument and interval
     client = redis.Redis.from_url(chain["redis_url"], decode_responses=True)
@@ -222,7 +307,7 @@ def test_generated_stream_through_the_whole_chain(chain: dict[str, Any],
         assert int(head["window_start"]) == bar.window_start_ms
         assert head["is_final"] in ("1", "true", "True")
         assert float(head["close"]) == bar.close
-    assert diff_bars(reference.bars, from_redis) == []
+    assert diff_bars(reference.bars, from_redis) == [], gaps
     tick_hash = client.hgetall(f"md:tick:{prefix}.XNYS.IBM")
     assert tick_hash, "no latest-tick hash for an active instrument"
 
@@ -233,13 +318,12 @@ def test_generated_stream_through_the_whole_chain(chain: dict[str, Any],
     assert by_reason[("enrichment", "unknown_instrument")] == tags[Tag.UNKNOWN] - inactive_sent
     assert by_reason[("enrichment", "inactive_instrument")] == inactive_sent
     late_trades = len({idx for idx, _ in reference.late})
-    assert by_reason[("aggregation", "late_trade")] == late_trades
+    assert by_reason[("aggregation", "late_trade")] == late_trades, gaps
     for letter in dead:
         assert letter["payload_b64"]
         assert letter["source_topic"] in topics.values()
 
-    normalized = len(consume_all([topics["NORMALIZED"]], timeout=30))
-    enriched = len(consume_all([topics["ENRICHED"]], timeout=30))
+    normalized, enriched = len(normalized_records), len(enriched_records)
     duplicates = _metric_sum(pipe, "normalization", "dp_duplicates_total")
     normalization_dead = sum(n for (svc, _), n in by_reason.items() if svc == "normalization")
     assert duplicates == tags[Tag.DUPLICATE]
@@ -254,12 +338,26 @@ def test_generated_stream_through_the_whole_chain(chain: dict[str, Any],
         services = {sample.labels.get("service", "") for sample in prometheus.query(queries[title])}
         # projection writes to Redis, not to a topic: it has no Kafka output to show
         expected = set(pipe.services) - ({"projection"} if "out/s" in title else set())
-        assert expected <= services, f"{title}: only {services}"
+        assert expected <= services, f"{title}: only {services}; {scrape_health(prometheus)}"
+    phases.done("checked")
+    print(scrape_health(prometheus))
+
+
+def scrape_health(prometheus: PrometheusServer) -> str:
+    """Failed scrapes and the slowest scrape per service during the run (a failed scrape marks the
+    target's series stale: instant queries then miss that service until the next good scrape)."""
+    failed = prometheus.query('sum by (service) (count_over_time(up{job="data-processing"}[15m])'
+                              ' - sum_over_time(up{job="data-processing"}[15m]))')
+    slowest = prometheus.query('max by (service) (max_over_time('
+                               'scrape_duration_seconds{job="data-processing"}[15m]))')
+    return ("scrapes failed " + ", ".join(f"{s.labels.get('service')}={s.value:.0f}" for s in failed)
+            + "; slowest scrape " + ", ".join(f"{s.labels.get('service')}={s.value:.3f}s" for s in slowest))
 
 
 def _metric_sum(pipe: Pipeline, service: str, name: str) -> int:
-    status, body = http_get(pipe.url(service, "/metrics"))
-    assert status == 200
+    # one request, not a poll: a loaded machine gets more than http_get's default 2 s to answer
+    status, body = http_get(pipe.url(service, "/metrics"), timeout=30)
+    assert status == 200, f"{service} /metrics: {status}"
     total = 0.0
     for line in body.decode().splitlines():
         if line.startswith(name + "{") or line.startswith(name + " "):

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 from dataproc_shared.testing import ContractTopics
+from dptools.depaudit import audit_lock, render
 from dptools.pipeline import REPO, Pipeline, http_get
 
 SOURCE_FOLDERS = ["shared/src", "service-normalization/src", "service-enrichment/src",
@@ -51,43 +52,38 @@ def test_bandit_finds_nothing_unreviewed() -> None:
 
 
 def test_dependency_audit_of_the_lock() -> None:
-    """pip-audit over every package pinned in uv.lock, against PyPI's vulnerability data.
+    """Every registry pin of uv.lock against PyPI's vulnerability data (`dptools.depaudit`).
 
-    A known vulnerability fails the test. A package whose data cannot be fetched (no route to the
-    PyPI JSON API, as in a sandbox that only reaches the package index) is not a finding: it is
-    reported as "not audited". With `DP_AUDIT_REQUIRE_DB=1` (CI with internet) that fails too.
+    A known vulnerability of a pinned version fails the test, and so does one of the latest release of
+    a package pinned behind it ("possibly affected"). A pin without data for its own version is
+    "not audited" with the reason, never clean; `DP_AUDIT_REQUIRE_DB=1` makes that a failure too.
     """
-    exported = subprocess.run(
-        ["uv", "export", "--frozen", "--format", "requirements-txt", "--no-hashes",
-         "--no-emit-workspace", "--all-packages"],
-        cwd=REPO, capture_output=True, text=True, timeout=120, check=True,
-    ).stdout
-    pinned = [line for line in exported.splitlines() if re.match(r"^[A-Za-z0-9_.-]+==", line)]
-    assert len(pinned) > 50
-    req = REPO / ".stack" / "audit-requirements.txt"
-    req.parent.mkdir(parents=True, exist_ok=True)
-    req.write_text("\n".join(pinned) + "\n")
-    result = subprocess.run(
-        [sys.executable, "-m", "pip_audit", "-r", str(req), "--no-deps", "--disable-pip",
-         "--progress-spinner", "off", "-f", "json"],
-        cwd=REPO, capture_output=True, text=True, timeout=600, check=False,
-    )
-    report = json.loads(result.stdout)
-    deps = report["dependencies"]
-    unconditional = [line for line in pinned if ";" not in line]
-    assert len(deps) >= len(unconditional)  # environment markers may exclude a few
-    findings = [f"{d['name']} {d['version']}: {[v['id'] for v in d['vulns']]}"
-                for d in deps if d.get("vulns")]
+    report = audit_lock(REPO / "uv.lock", timeout_s=10, deadline_s=90)
+    print(render(report))
+    assert len(report.pins) > 50
+    findings = [f"{p.name} {p.version} {p.verdict}: {[v.id for v in p.vulnerabilities]} {p.reason}"
+                for p in report.findings]
     assert findings == [], "known vulnerabilities:\n" + "\n".join(findings)
-    not_audited = [d["name"] for d in deps if "skip_reason" in d]
-    # anything skipped must be skipped for lack of data, never silently for another reason
-    for d in deps:
-        if "skip_reason" in d:
-            assert "could not be audited" in d["skip_reason"], d
-    print(f"dependency audit: {len(deps) - len(not_audited)} audited, no finding; "
-          f"{len(not_audited)} not audited (vulnerability data unreachable)")
+    assert report.audited, "no vulnerability data reached:\n" + render(report)
     if os.environ.get("DP_AUDIT_REQUIRE_DB") == "1":
-        assert not_audited == [], f"vulnerability data unreachable for {len(not_audited)} packages"
+        assert report.not_audited == [], f"{len(report.not_audited)} pins not audited"
+
+
+def test_dependency_audit_fails_on_a_known_vulnerability(tmp_path: Path) -> None:
+    """The same audit, on a lock pinning pycrypto (abandoned; its last release has unfixed advisories)."""
+    lock = tmp_path / "uv.lock"
+    entry = ('[[package]]\nname = "pycrypto"\nversion = "{}"\n'
+             'source = {{ registry = "https://pypi.org/simple" }}\n')
+    lock.write_text("version = 1\n" + entry.format("2.6.1") + entry.format("2.6"))
+    result = subprocess.run([sys.executable, "-m", "dptools.depaudit", "--lock", str(lock), "--json"],
+                            cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
+    report = json.loads(result.stdout)
+    verdicts = {r["version"]: r for r in report["results"]}
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert verdicts["2.6.1"]["verdict"] == "vulnerable"
+    assert "PYSEC-2017-94" in {v["id"] for v in verdicts["2.6.1"]["vulnerabilities"]}
+    assert verdicts["2.6"]["verdict"] == "possibly affected"
+    assert (report["audited"], report["not_audited"], report["findings"]) == (1, 1, 2)
 
 
 @pytest.mark.parametrize("service", ["normalization", "enrichment", "aggregation", "projection"])
@@ -136,7 +132,8 @@ def test_wrong_postgres_password_fails_closed(pg_database: str, kafka_bootstrap:
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline and proc.poll() is None:
             status, health = http_get(pipe.url("enrichment", "/health"))
-            if status and b"postgres" in health.lower() and status != 200:
+            # every /health names postgres; wait until it says why (the first answers say "connecting")
+            if status and status != 200 and re.search(rb"password|authentication", health, re.I):
                 break
             assert http_get(pipe.url("enrichment", "/ready"))[0] != 200, "ready with a wrong password"
             time.sleep(0.5)

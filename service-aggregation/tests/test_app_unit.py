@@ -5,12 +5,14 @@ from __future__ import annotations
 from typing import Any
 
 import orjson
+import pytest
 from aggregation.app import AggregationProcessor
 from aggregation.settings import AggregationOptions
 from aggregation.transform import NS_PER_S, decode_instrument_state
 from dataproc_shared import avro
 from dataproc_shared.records import DeadLetterReason, InRecord
 from dataproc_shared.state import ChangelogStore
+from pydantic import ValidationError
 
 MIN = 60 * NS_PER_S
 
@@ -78,3 +80,14 @@ async def test_bars_dead_letters_and_changelog() -> None:
     assert (window.interval, window.start, window.count) == ("1m", 2 * MIN, 1)
     assert all(c.topic == "cl" and c.partition == 2 for c in changes)
     assert (await proc.before_commit()).outputs == []
+
+
+def test_update_cadence_per_interval_from_the_settings() -> None:
+    opts = AggregationOptions(intervals=("1m", "1h"), update_interval_ms=2000,
+                              update_intervals_ms={"1h": 15000})
+    config = opts.window_config()
+    assert (config.update_every_ns("1m"), config.update_every_ns("1h")) == (2 * NS_PER_S, 15 * NS_PER_S)
+    with pytest.raises(ValidationError, match="not among the intervals"):
+        AggregationOptions(intervals=("1m",), update_intervals_ms={"5m": 1000})
+    with pytest.raises(ValidationError):
+        AggregationOptions(intervals=("1m",), update_intervals_ms={"1m": -1})

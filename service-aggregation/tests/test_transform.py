@@ -12,6 +12,7 @@ import pytest
 from aggregation.transform import (
     NS_PER_MS,
     NS_PER_S,
+    AggregationError,
     BadIntervalError,
     BadStateError,
     Bar,
@@ -185,6 +186,46 @@ def test_updates_are_paced_and_versions_grow() -> None:
     [f] = eng.close_all(0)
     assert f.version == 4
     assert eng.flush_updates(force=True) == []  # a closed bar gets no update after its final
+
+
+def test_updates_of_every_partition_fall_due_together() -> None:
+    clock = FakeClock()
+    eng = WindowEngine(cfg("1m", update_ms=1000), clock)
+    eng.apply(trade(MIN, 1.0, offset=0, partition=0))
+    clock.now += 600 * NS_PER_MS
+    eng.apply(trade(MIN, 2.0, offset=0, partition=1, inst="X:B"))
+    assert eng.flush_updates() == []
+    clock.now += 400 * NS_PER_MS
+    # one flush takes both partitions' changed bars, though partition 1 changed 0.4 s ago only
+    assert sorted(b.source_partition for b in eng.flush_updates()) == [0, 1]
+    eng.apply(trade(MIN + 1, 3.0, offset=1, partition=1, inst="X:B"))
+    clock.now += 999 * NS_PER_MS
+    assert eng.flush_updates() == []  # at most once per update interval per bar
+    clock.now += 1 * NS_PER_MS
+    [u] = eng.flush_updates()
+    assert (u.source_partition, u.version, u.close) == (1, 2, 3.0)
+
+
+def test_update_cadence_per_interval() -> None:
+    clock = FakeClock()
+    config = WindowConfig.from_names(("1m", "1h"), 5000, 30_000, 1000, {"1h": 5000})
+    assert (config.update_every_ns("1m"), config.update_every_ns("1h")) == (NS_PER_S, 5 * NS_PER_S)
+    eng = WindowEngine(config, clock)
+    emitted: list[tuple[str, int]] = []
+    for second in range(1, 11):
+        eng.apply(trade(MIN + second, float(second), offset=second))
+        clock.now += NS_PER_S
+        emitted += [(b.interval, b.version) for b in eng.flush_updates()]
+    assert [v for i, v in emitted if i == "1m"] == list(range(1, 11))
+    # the hour's bar every 5 s, carrying every trade applied in between (versions count trades)
+    assert [v for i, v in emitted if i == "1h"] == [5, 10]
+    eng.apply(trade(MIN + 11, 11.0, offset=11))
+    assert sorted(b.interval for b in eng.flush_updates(force=True)) == ["1h", "1m"]
+
+
+def test_update_cadence_of_an_unknown_interval_is_refused() -> None:
+    with pytest.raises(AggregationError, match="not a bar interval"):
+        WindowConfig.from_names(("1m",), 5000, 30_000, 1000, {"5m": 1000})
 
 
 def test_state_round_trip_through_changelog_entries() -> None:

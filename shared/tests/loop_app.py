@@ -3,7 +3,8 @@
 Output value: `<UPPER>|<n>` where n is how many records of that key the service has seen (kept in a
 `ChangelogStore`, so a wrong restore shows as wrong counts). `POISON` becomes a `bad_field` dead
 letter; `CRASH` makes `process` raise (-> `processing_error` dead letter). Configured by environment:
-APP_INPUT, APP_OUTPUT, APP_CHANGELOG, APP_SLEEP_S (per batch), plus the usual DATA_PROC_* settings.
+APP_INPUT, APP_OUTPUT, APP_CHANGELOG, APP_SLEEP_S (per batch), APP_HOLD_FILE (`process` waits while
+that file exists: a cycle held in progress), plus the usual DATA_PROC_* settings.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+from pathlib import Path
 
 from dataproc_shared.config import Settings, kafka_common_config
 from dataproc_shared.records import BatchResult, DeadLetter, DeadLetterReason, InRecord, OutRecord
@@ -19,10 +21,11 @@ from dataproc_shared.state import ChangelogStore
 
 
 class UpperProcessor:
-    def __init__(self, output: str, store: ChangelogStore, sleep_s: float) -> None:
+    def __init__(self, output: str, store: ChangelogStore, sleep_s: float, hold: Path | None = None) -> None:
         self.output = output
         self.store = store
         self.sleep_s = sleep_s
+        self.hold = hold
 
     async def on_assign(self, partitions: list[tuple[str, int]]) -> None:
         await self.store.restore(p for _, p in partitions)
@@ -46,6 +49,8 @@ class UpperProcessor:
                                             partition=rec.partition))
         if self.sleep_s:
             await asyncio.sleep(self.sleep_s)
+        while self.hold is not None and self.hold.exists():
+            await asyncio.sleep(0.05)
         return result
 
     async def on_tick(self) -> BatchResult:
@@ -60,7 +65,9 @@ class UpperProcessor:
 
 def make_processor(ctx: ServiceContext) -> UpperProcessor:
     store = ChangelogStore(topic=os.environ["APP_CHANGELOG"], kafka_config=kafka_common_config(ctx.settings))
-    return UpperProcessor(os.environ["APP_OUTPUT"], store, float(os.environ.get("APP_SLEEP_S", "0")))
+    hold = os.environ.get("APP_HOLD_FILE")
+    return UpperProcessor(os.environ["APP_OUTPUT"], store, float(os.environ.get("APP_SLEEP_S", "0")),
+                          Path(hold) if hold else None)
 
 
 if __name__ == "__main__":

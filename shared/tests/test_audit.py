@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import uuid
 from collections.abc import Sequence
 from datetime import UTC, datetime
 
@@ -97,6 +98,23 @@ def test_kafka_records_and_row_round_trip() -> None:
         "svc", "batch_committed", 2, 9)
     assert orjson.loads(row["details"]) == {"in": 5}
     assert row["event_id"] == doc["event_id"] != ""
+
+
+def test_kafka_records_are_the_rows_json_with_fresh_version_4_ids() -> None:
+    em = emitter(MemorySink("kafka"))
+    events = [AuditEvent(event_type="batch_committed", outcome="ok", reason="r", instrument="X:Y",
+                         correlation_id="c", source_topic="t", source_partition=p, offset_from=p * 10,
+                         offset_to=p * 10 + 9, details={"in": p, "nested": {"a": [1, 2]}}) for p in range(50)]
+    records = em.kafka_records(events)
+    docs = [orjson.loads(r.value or b"") for r in records]
+    for doc, event in zip(docs, events, strict=True):
+        expected = AuditRow(doc["event_id"], NOW, "svc", em.environment, event).as_json()
+        assert list(doc) == list(expected)  # same keys in the same order
+        assert doc == expected
+        parsed = uuid.UUID(doc["event_id"])
+        assert (parsed.version, str(parsed)) == (4, doc["event_id"])
+    assert len({d["event_id"] for d in docs}) == len(docs)
+    assert em.kafka_records([]) == []
 
 
 def test_row_without_event_id_takes_the_default() -> None:

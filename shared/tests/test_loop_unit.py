@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
+from collections.abc import Callable
 
 import pytest
 from confluent_kafka import KafkaError, KafkaException, Message, TopicPartition
@@ -120,6 +122,43 @@ async def test_backpressure_does_not_resume_partitions_the_alignment_paused_in_t
                               ("resume", [("in", 0), ("in", 1)])]
 
 
+class PollingRecorder(PauseRecorder):
+    def poll(self, _timeout: float) -> None:
+        self.calls.append(("poll", []))
+
+
+async def test_a_slow_step_pauses_and_polls_until_it_ends_then_resumes() -> None:
+    settings = load_settings(service="unit", kafka_bootstrap="127.0.0.1:1",
+                             loop={"max_poll_interval_ms": 1000})
+    lp = KafkaLoop(settings, PassthroughProcessor("out"), input_topics=["in"], metrics=ServiceMetrics("unit"))
+    consumer = PollingRecorder()
+    lp._consumer = consumer  # type: ignore[assignment]
+    lp._assigned = {("in", 0), ("in", 1)}
+
+    async def step(seconds: float) -> str:
+        await asyncio.sleep(seconds)
+        return "done"
+
+    assert await lp._guarded(step(0.05), "process") == "done"
+    assert consumer.calls == []  # in time: nothing touched
+    assert lp.paused_for_slow_steps == 0
+    assert await lp._guarded(step(1.2), "before_commit") == "done"  # keep-alive every 1/3 s
+    kinds = [kind for kind, _ in consumer.calls]
+    assert (kinds[0], kinds[-1]) == ("pause", "resume")
+    assert kinds.count("poll") >= 2
+    assert consumer.calls[0][1] == consumer.calls[-1][1] == [("in", 0), ("in", 1)]
+    assert lp.paused_for_slow_steps == 1
+    consumer.calls.clear()
+
+    async def failing() -> None:
+        await asyncio.sleep(0.5)
+        raise ValueError("sink down")
+
+    with pytest.raises(ValueError, match="sink down"):
+        await lp._guarded(failing(), "before_commit")
+    assert [kind for kind, _ in consumer.calls][::len(consumer.calls) - 1] == ["pause", "resume"]
+
+
 def test_a_transactional_call_past_its_deadline_counts_as_hung(monkeypatch: pytest.MonkeyPatch) -> None:
     """librdkafka can block in send_offsets_to_transaction forever: the loop walks away from it."""
     monkeypatch.setattr(loop_module, "TXN_CALL_DEADLINE_S", 0.2)
@@ -146,6 +185,67 @@ def test_a_transactional_call_within_its_deadline_returns_its_result() -> None:
         assert failed.value.kind == "fatal"
     finally:
         kafka_loop._runner.stop()
+
+
+async def test_a_commit_job_whose_call_passes_its_deadline_counts_as_hung_and_goes_no_further(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The commit's calls run as one job awaited on the event loop: the per-call deadline holds there.
+
+    A call that comes back after the loop walked away does not let the job start the next one (a
+    late `send_offsets_to_transaction` must not be followed by a commit of the abandoned producer).
+    """
+    monkeypatch.setattr(loop_module, "TXN_CALL_DEADLINE_S", 1.5)
+    kafka_loop = loop()
+    beats: list[int] = []
+    monkeypatch.setattr(kafka_loop, "_heartbeat", lambda: beats.append(1))
+    runner = loop_module._CallRunner("unit-txn")
+    release, committed, finished = threading.Event(), threading.Event(), threading.Event()
+
+    def job() -> None:
+        try:
+            runner.timed("send_offsets_to_transaction", lambda: release.wait(10))
+            runner.timed("commit_transaction", committed.set)
+        finally:
+            finished.set()
+
+    try:
+        with pytest.raises(loop_module._CycleFailed) as failed:
+            await kafka_loop._await_job(runner, job)
+        assert failed.value.kind == "hung"
+        assert "send_offsets_to_transaction" in str(failed.value)
+        assert beats  # the liveness heartbeat went on while the call was blocked
+        release.set()
+        assert finished.wait(5)
+        assert not committed.is_set()
+    finally:
+        release.set()
+        runner.stop()
+
+
+async def test_a_commit_job_returns_its_result_or_its_error_class() -> None:
+    kafka_loop = loop()
+    runner = loop_module._CallRunner("unit-txn")
+    calls: list[int] = []
+
+    def retriable_once() -> int:
+        calls.append(1)
+        if len(calls) == 1:
+            raise KafkaException(KafkaError(KafkaError._TIMED_OUT, retriable=True))
+        return 7
+
+    def job(call: Callable[[], int]) -> Callable[[], int]:
+        return lambda: kafka_loop._retry(lambda: runner.timed("commit_transaction", call),
+                                         "commit_transaction")
+
+    try:
+        assert await kafka_loop._await_job(runner, job(lambda: 42)) == 42
+        assert await kafka_loop._await_job(runner, job(retriable_once)) == 7
+        assert len(calls) == 2
+        with pytest.raises(loop_module._CycleFailed) as failed:
+            await kafka_loop._await_job(runner, job(_raise_fenced))  # type: ignore[arg-type]
+        assert failed.value.kind == "fatal"
+    finally:
+        runner.stop()
 
 
 def _raise_fenced() -> None:

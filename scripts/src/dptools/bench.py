@@ -20,7 +20,8 @@
    timer and are counted apart (`final_bars_closed_after_feed`).
 5. CPU microseconds per tick and peak RSS of every process.
 
-Writes `bench-results/bench-<time>.json` and `.png`. Needs `make up` and the reference data loaded.
+Writes `bench-results/bench-<time>.json` and `.png`. Needs `make up`; applies the PostgreSQL
+migrations and loads the reference data itself (both idempotent).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from typing import Any
 
 from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
+from dataproc_shared.config import TopicOptions
 
 from dptools.pipeline import REPO, SERVICES, Pipeline, http_get
 from dptools.produce import load_instruments_from_postgres
@@ -144,10 +146,13 @@ def watch(first: Callable[[], float], done: Callable[[], bool], timeout: float) 
     raise TimeoutError("chain did not finish in time")
 
 
-def create_topics(admin: AdminClient, names: list[str], partitions: int, compacted: set[str]) -> None:
-    """Create topics and wait for them."""
+def create_topics(admin: AdminClient, names: list[str], partitions: int, compacted: set[str],
+                  configs: dict[str, dict[str, str]] | None = None) -> None:
+    """Create topics (`configs`: extra topic settings by name) and wait for them."""
+    extra = configs or {}
     new = [NewTopic(n, num_partitions=partitions, replication_factor=1,
-                    config={"cleanup.policy": "compact"} if n in compacted else {}) for n in names]
+                    config={**({"cleanup.policy": "compact"} if n in compacted else {}), **extra.get(n, {})})
+           for n in names]
     for future in admin.create_topics(new, operation_timeout=30).values():
         future.result()
 
@@ -394,7 +399,10 @@ def phase_figures(before: tuple[float, Samples], after: tuple[float, Samples], t
     cycles = delta("dp_transactions_total", outcome="committed")
     batches = delta("dp_batch_size_count")
     return {"cpu_us_per_tick": (cpu1 - cpu0) / ticks * 1e6 if ticks else 0.0,
+            "cpu_us_per_cycle": (cpu1 - cpu0) / cycles * 1e6 if cycles else 0.0,
             "cycles_per_s": cycles / seconds if seconds else 0.0,
+            # e.g. the aggregation's late trades after an idle close between phases
+            "dead_letters": delta("dp_dead_letters_total"),
             "mean_batch": delta("dp_batch_size_sum") / batches if batches else 0.0}
 
 
@@ -419,6 +427,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--open-loop-seconds", type=float, default=30.0)
     parser.add_argument("--rates", default="0.25,0.5,0.75",
                         help="open-loop rates as shares of the drain rate")
+    parser.add_argument("--open-loop-rates", default=None, metavar="TICKS_PER_S,...",
+                        help="open-loop rates in ticks/s instead of shares of the drain rate (the same "
+                             "load for runs of different code)")
     parser.add_argument("--redis-db", type=int, default=2, help="Redis database of the benchmark (flushed)")
     parser.add_argument("--out", type=Path, default=REPO / "bench-results")
     parser.add_argument("--drain-only", action="store_true",
@@ -430,6 +441,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     env = dict(os.environ)
     bootstrap, dsn = env["DATA_PROC_KAFKA_BOOTSTRAP"], env["DATA_PROC_POSTGRES_DSN"]
+    # the reference tables and their rows, idempotently (as the main job does): the generator and
+    # enrichment read the instruments from PostgreSQL
+    for tool in (("dptools.migrate", "postgres"), ("dptools.refdata", "load")):
+        subprocess.run([sys.executable, "-m", *tool], check=True, cwd=REPO, stdout=subprocess.DEVNULL)
     redis_url = re.sub(r"/\d+$", f"/{args.redis_db}", env["DATA_PROC_REDIS_URL"])
     run_id = uuid.uuid4().hex[:8]
     work = args.out / f"run-{run_id}"
@@ -440,8 +455,11 @@ def main(argv: list[str] | None = None) -> int:
         "RAW", "NORMALIZED", "ENRICHED", "BARS", "DEADLETTER", "NORMALIZATION_DEDUP_CHANGELOG",
         "AGGREGATION_WINDOWS_CHANGELOG")}
     audit = f"bench-{run_id}-audit"
+    # the dead-letter topic's size limit as the topic plan sets it (services check it at start)
+    deadletter_size = {"max.message.bytes": str(TopicOptions().deadletter_message_limit)}
     create_topics(admin, [*names.values(), audit], partitions,
-                  {names["NORMALIZATION_DEDUP_CHANGELOG"], names["AGGREGATION_WINDOWS_CHANGELOG"]})
+                  {names["NORMALIZATION_DEDUP_CHANGELOG"], names["AGGREGATION_WINDOWS_CHANGELOG"]},
+                  {names["DEADLETTER"]: deadletter_size})
     results: dict[str, Any] = {
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                     "python": platform.python_version(), "host": platform.node()},
@@ -512,7 +530,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  late trades {results['pipeline_drain']['late_trades']}", flush=True)
 
         results["open_loop"] = []
-        for share in () if args.drain_only else (float(x) for x in args.rates.split(",")):
+        # (share of the drain rate, seed of the phase's ticks): fixed rates keep their seed across runs
+        if args.drain_only:
+            phases: list[tuple[float, int]] = []
+        elif args.open_loop_rates:
+            phases = [(float(x) / drain_rate, int(float(x))) for x in args.open_loop_rates.split(",")]
+        else:
+            phases = [(float(x), int(float(x) * 100)) for x in args.rates.split(",")]
+        for share, seed in phases:
             rate = share * drain_rate
             print(f"open loop at {share:.0%} of the drain rate ({rate:.0f} ticks/s) ...", flush=True)
             listener.tick_latency_ms.clear()
@@ -521,8 +546,7 @@ def main(argv: list[str] | None = None) -> int:
             before = {s: (cpu_seconds(pids[s]), scrape(url(s))) for s in SERVICES}
             since_ns = time.time_ns()
             listener.recording = True
-            sent, feed_end_ns = open_loop(bootstrap, names["RAW"], rate, args.open_loop_seconds, dsn,
-                                          int(share * 100))
+            sent, feed_end_ns = open_loop(bootstrap, names["RAW"], rate, args.open_loop_seconds, dsn, seed)
             pipe.wait_drained(timeout=300, settle=2)
             listener.recording = False
             phase_s = (time.time_ns() - since_ns) / 1e9
@@ -541,6 +565,10 @@ def main(argv: list[str] | None = None) -> int:
             results["open_loop"].append(entry)
             print(f"  tick->redis {entry['tick_to_redis_ms']}", flush=True)
             print(f"  window close->final bar {entry['window_close_to_final_bar_ms']}", flush=True)
+            for name, f in entry["services"].items():
+                print(f"  {name}: {f['cpu_us_per_tick']:.1f} CPU µs/tick, "
+                      f"{f['cpu_us_per_cycle']:.0f} µs/cycle, {f['cycles_per_s']:.1f} cycles/s, "
+                      f"mean batch {f['mean_batch']:.0f}, dead letters {f['dead_letters']:.0f}", flush=True)
         results["peak_rss_mib"] = {s: peak_rss_mib(p) for s, p in pids.items()}
     finally:
         listener.close()

@@ -59,7 +59,7 @@ from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient
 
 from dptools.netproxy import NetProxy
-from dptools.pipeline import REPO, Pipeline, http_get
+from dptools.pipeline import REPO, Pipeline, chain_snapshot, http_get
 from dptools.privstack import PrivateStack, free_port
 from dptools.reference import Arrival, RefBar, arrivals_from_raw, compute, diff_bars
 from dptools.ticks import GeneratorConfig, Instrument, RawTick, Tag, generate
@@ -477,54 +477,9 @@ def _feed(producer: Producer, topic: str, ticks: list[RawTick], seconds: float,
 
 
 def stall_snapshot(bootstrap: str, chain: Chain, topics: dict[str, str]) -> str:
-    """Where each partition of the chain stands, for a run that did not drain.
-
-    Per input partition of every service: the group's committed offset (not requiring a stable
-    offset, so an offset commit of an open transaction shows too), the last stable offset (what a
-    read_committed consumer can reach) and the high watermark; then the services' own
-    `dp_consumer_lag` (cached high watermark - consumer position) and `/health`.
-    """
-    from confluent_kafka import Consumer, ConsumerGroupTopicPartitions, TopicPartition
-
-    inputs = {"normalization": ["RAW"], "enrichment": ["NORMALIZED"], "aggregation": ["ENRICHED"],
-              "projection": ["ENRICHED", "BARS"]}
-    admin = AdminClient({"bootstrap.servers": bootstrap})
-    lines = [f"stall snapshot {time.strftime('%H:%M:%S')}"]
-    readers = {level: Consumer({"bootstrap.servers": bootstrap, "group.id": f"snapshot-{uuid.uuid4().hex}",
-                                "isolation.level": level, "enable.auto.commit": False})
-               for level in ("read_committed", "read_uncommitted")}
-    try:
-        for service, names in inputs.items():
-            group = chain.ids(service, "a")["DATA_PROC_KAFKA__GROUP_ID"]
-            tps = [TopicPartition(topics[n], p) for n in names for p in range(PARTITIONS)]
-            try:
-                future = admin.list_consumer_group_offsets(
-                    [ConsumerGroupTopicPartitions(group, tps)], require_stable=False)[group]
-                committed = {(tp.topic, tp.partition): tp.offset for tp in future.result(30).topic_partitions}
-            except Exception as exc:
-                lines.append(f"{service}: committed offsets not read: {exc}")
-                committed = {}
-            for tp in tps:
-                try:
-                    lso = readers["read_committed"].get_watermark_offsets(tp, timeout=10)[1]
-                    hw = readers["read_uncommitted"].get_watermark_offsets(tp, timeout=10)[1]
-                except Exception as exc:
-                    lso = hw = -1
-                    lines.append(f"  watermarks of {tp.topic}[{tp.partition}] not read: {exc}")
-                at = committed.get((tp.topic, tp.partition))
-                lines.append(f"{service:13} {tp.topic}[{tp.partition}] committed={at} lso={lso} hw={hw}")
-    finally:
-        for reader in readers.values():
-            reader.close()
-    for service in SERVICES:
-        status, body = http_get(chain.first.url(service, "/metrics"), timeout=10)
-        lags = [line for line in body.decode(errors="replace").splitlines()
-                if line.startswith(("dp_consumer_lag", "dp_abandoned", "dp_transactions_total",
-                                    "dp_alignment_paused", "dp_rebalances_total"))]
-        lines.append(f"{service} /metrics {status}: " + "; ".join(lags))
-        status, body = http_get(chain.first.url(service, "/health"), timeout=10)
-        lines.append(f"{service} /health {status}: {body.decode(errors='replace')[:800]}")
-    return "\n".join(lines)
+    """`chain_snapshot` of the first instances' groups: offsets, lag and health of every input partition."""
+    groups = {s: chain.ids(s, "a")["DATA_PROC_KAFKA__GROUP_ID"] for s in SERVICES}
+    return chain_snapshot(bootstrap, chain.first, groups, topics)
 
 
 def run(profile: Profile, seed: int, workdir: Path, *, keep_on_failure_s: float = 0.0,

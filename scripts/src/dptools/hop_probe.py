@@ -9,7 +9,8 @@ decoding) copies them to a fresh output topic; a `read_committed` consumer on th
 send -> visible downstream per record. A second consumer on the input gives the same path without
 the relay (produce + fetch), so the hop's own share is the difference. The relay's
 `dp_cycle_step_seconds` histogram (consume wait, process, produce, before_commit, send_offsets,
-commit) gives the split of its cycles, and its CPU per record is read from /proc.
+commit) gives the split of its cycles; its CPU per record and per committed cycle, and per thread
+kind the CPU and the voluntary context switches (wake-ups) per cycle, are read from /proc.
 
 Prints a summary and writes `bench-results/hop-<time>.json`. Needs the local stack (`.stack/env`).
 """
@@ -32,6 +33,7 @@ from confluent_kafka import OFFSET_END, Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
 from dptools.bench import (
+    CLK_TCK,
     Samples,
     cpu_seconds,
     create_topics,
@@ -105,6 +107,50 @@ def step_figures(before: Samples, after: Samples) -> dict[str, dict[str, float]]
     return out
 
 
+def thread_stats(pid: int) -> dict[str, tuple[float, int]]:
+    """CPU seconds and voluntary context switches (wake-ups after a wait) per thread kind of `pid`.
+
+    Kinds: `python main` (the event loop's thread), `python other` (worker and runner threads), and
+    librdkafka's threads by name without their number (`rdk:main`, `rdk:broker`, ...).
+    """
+    out: dict[str, tuple[float, int]] = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            comm = (task / "comm").read_text().strip()
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+            status = (task / "status").read_text()
+        except OSError:  # the thread ended meanwhile
+            continue
+        cpu = (int(fields[11]) + int(fields[12])) / CLK_TCK
+        switches = next((int(line.split()[1]) for line in status.splitlines()
+                         if line.startswith("voluntary_ctxt_switches:")), 0)
+        if task.name == str(pid):
+            kind = "python main"
+        elif comm.startswith("rdk:"):
+            kind = comm.rstrip("0123456789-")
+        else:
+            kind = "python other"
+        have = out.get(kind, (0.0, 0))
+        out[kind] = (have[0] + cpu, have[1] + switches)
+    return out
+
+
+def per_cycle(before: dict[str, tuple[float, int]], after: dict[str, tuple[float, int]],
+              cycles: float) -> dict[str, dict[str, float]]:
+    """`thread_stats` differences per committed cycle: CPU µs and wake-ups per thread kind.
+
+    Threads that ended between the two samples are missing from `after` (their share is left out).
+    """
+    if not cycles:
+        return {}
+    out = {}
+    for kind in sorted(after):
+        cpu0, sw0 = before.get(kind, (0.0, 0))
+        cpu1, sw1 = after[kind]
+        out[kind] = {"cpu_us": (cpu1 - cpu0) / cycles * 1e6, "wakeups": (sw1 - sw0) / cycles}
+    return out
+
+
 def probe(bootstrap: str, rate: float, seconds: float, partitions: int, extra_env: dict[str, str],
           log_dir: Path) -> dict[str, Any]:
     """Run the probe once; returns its figures."""
@@ -131,7 +177,7 @@ def probe(bootstrap: str, rate: float, seconds: float, partitions: int, extra_en
         producer.flush(10)
         time.sleep(2)
         metrics_url = f"http://127.0.0.1:{port}/metrics"
-        before, cpu0 = scrape(metrics_url), cpu_seconds(proc.pid)
+        before, cpu0, threads0 = scrape(metrics_url), cpu_seconds(proc.pid), thread_stats(proc.pid)
         direct.recording = hop.recording = True
         count = int(rate * seconds)
         start = time.monotonic() + 0.1
@@ -145,13 +191,17 @@ def probe(bootstrap: str, rate: float, seconds: float, partitions: int, extra_en
         deadline = time.monotonic() + 30
         while len(hop.latency_ms) < count and time.monotonic() < deadline:
             time.sleep(0.2)
-        after, cpu1 = scrape(metrics_url), cpu_seconds(proc.pid)
+        after, cpu1, threads1 = scrape(metrics_url), cpu_seconds(proc.pid), thread_stats(proc.pid)
+        steps = step_figures(before, after)
+        cycles = steps.get("commit", {}).get("cycles", 0.0)
         return {
             "rate": rate, "seconds": seconds, "partitions": partitions, "sent": count,
-            "env": extra_env,
+            "env": extra_env, "load_average": os.getloadavg(),
             "direct_ms": percentiles(direct.latency_ms), "hop_ms": percentiles(hop.latency_ms),
             "relay_cpu_us_per_record": (cpu1 - cpu0) / count * 1e6,
-            "steps": step_figures(before, after),
+            "relay_cpu_us_per_cycle": (cpu1 - cpu0) / cycles * 1e6 if cycles else 0.0,
+            "threads_per_cycle": per_cycle(threads0, threads1, cycles),
+            "steps": steps,
         }
     finally:
         for receiver in (direct, hop):
@@ -184,7 +234,10 @@ def main(argv: list[str] | None = None) -> int:
         r = result[name]
         print(f"{name:>10}: n={r.get('n', 0)} p50 {r.get('p50', 0):.1f} p99 {r.get('p99', 0):.1f} "
               f"p99.9 {r.get('p99.9', 0):.1f} max {r.get('max', 0):.1f}")
-    print(f"relay CPU µs/record: {result['relay_cpu_us_per_record']:.1f}")
+    print(f"relay CPU µs/record: {result['relay_cpu_us_per_record']:.1f}, "
+          f"µs/cycle: {result['relay_cpu_us_per_cycle']:.0f} (load average {result['load_average'][0]:.1f})")
+    for kind, f in result["threads_per_cycle"].items():
+        print(f"  {kind:>13}: CPU {f['cpu_us']:.0f} µs, wake-ups {f['wakeups']:.1f} per cycle")
     for step, f in result["steps"].items():
         print(f"  {step:>13}: cycles {f['cycles']:.0f} mean {f['mean_ms']:.2f} ms "
               f"p50 <= {f['p50_le_ms']:g} ms p99 <= {f['p99_le_ms']:g} ms")

@@ -21,13 +21,18 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
+import uuid
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[3]
 SERVICES = ("normalization", "enrichment", "aggregation", "projection")
 DEFAULT_PORTS = {"normalization": 8080, "enrichment": 8081, "aggregation": 8082, "projection": 8083}
+#: The chain topics (by configuration name) each service consumes.
+CHAIN_INPUTS = {"normalization": ("RAW",), "enrichment": ("NORMALIZED",), "aggregation": ("ENRICHED",),
+                "projection": ("ENRICHED", "BARS")}
 _LAG = re.compile(r'^dp_consumer_lag\{[^}]*\}\s+([0-9.e+-]+)$', re.M)
 _IN = re.compile(r'^dp_messages_in_total\{[^}]*\}\s+([0-9.e+-]+)$', re.M)
 
@@ -162,7 +167,12 @@ class Pipeline:
         return lag, consumed
 
     def wait_drained(self, timeout: float = 300.0, settle: float = 3.0) -> None:
-        """Block until every service has zero lag and consumed nothing new for `settle` seconds."""
+        """Block until every service has zero lag and consumed nothing new for `settle` seconds.
+
+        Consumed, not necessarily committed: the lag counts from the consumer's position, which
+        moves when a record is taken, and is refreshed every 10 s. A check that reads what the
+        services wrote (Redis, ClickHouse, output topics) waits for `wait_committed` as well.
+        """
         deadline = time.monotonic() + timeout
         last: tuple[float, float] | None = None
         since = time.monotonic()
@@ -174,6 +184,128 @@ class Pipeline:
                 return
             time.sleep(0.5)
         raise TimeoutError(f"pipeline not drained after {timeout:.0f}s (lag, consumed = {last})")
+
+
+def uncommitted_inputs(bootstrap: str, inputs: Mapping[str, Sequence[str]],
+                       read_s: float = 5.0) -> dict[str, int]:
+    """Input partitions with records their group has not committed yet: `group topic[p]` -> records.
+
+    `inputs`: consumer group -> the topics it consumes. For each partition a read_committed reader
+    starts at the group's committed offset (the beginning when there is none) and reads to the last
+    stable offset; the records it meets are the ones not processed and committed yet. A transaction
+    marker is no record: the committed offset of a fully processed transactional input sits on the
+    last marker, below the last stable offset, and the reader passes it without a record. A reader
+    that does not reach the end within `read_s` counts the partition with -1 (not known to be done).
+    Empty: every group has committed all of its input - under exactly-once, together with every
+    output and external write (Redis, ClickHouse) of those records, which `before_commit` finished
+    before the commit. The consumer lag that `wait_drained` reads counts from the consumer's
+    position, which moves when a record is taken, before it is processed and committed.
+    """
+    from confluent_kafka import Consumer, ConsumerGroupTopicPartitions, TopicPartition
+    from confluent_kafka.admin import AdminClient
+
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    metadata = admin.list_topics(timeout=10)
+    behind: dict[str, int] = {}
+    for group, names in inputs.items():
+        tps = [TopicPartition(t, p) for t in names for p in sorted(metadata.topics[t].partitions)]
+        listed = admin.list_consumer_group_offsets([ConsumerGroupTopicPartitions(group, tps)])[group]
+        committed = {(tp.topic, tp.partition): tp.offset for tp in listed.result(30).topic_partitions}
+        reader = Consumer({"bootstrap.servers": bootstrap, "group.id": f"drain-check-{uuid.uuid4().hex}",
+                           "isolation.level": "read_committed", "enable.auto.commit": False})
+        try:
+            ends = {tp: reader.get_watermark_offsets(TopicPartition(*tp), timeout=10)[1] for tp in committed}
+            todo = {tp: at for tp, at in committed.items() if ends[tp] > max(at, 0)}
+            found = _read_to_end(reader, todo, ends, read_s) if todo else {}
+            behind.update({f"{group} {t}[{p}]": n for (t, p), n in found.items() if n})
+        finally:
+            reader.close()
+    return behind
+
+
+def _read_to_end(reader: Any, starts: Mapping[tuple[str, int], int], ends: Mapping[tuple[str, int], int],
+                 read_s: float) -> dict[tuple[str, int], int]:
+    """Records `reader` meets from `starts` to `ends` per partition; -1 where it did not reach the end."""
+    from confluent_kafka import OFFSET_BEGINNING, TopicPartition
+
+    reader.assign([TopicPartition(t, p, at if at >= 0 else OFFSET_BEGINNING)
+                   for (t, p), at in starts.items()])
+    found = dict.fromkeys(starts, 0)
+    at_end: set[tuple[str, int]] = set()
+    deadline = time.monotonic() + read_s
+    while len(at_end) < len(starts) and time.monotonic() < deadline:
+        msg = reader.poll(0.2)
+        if msg is not None and msg.error() is None:
+            found[(msg.topic(), msg.partition())] += 1
+        at_end = {(tp.topic, tp.partition) for tp in reader.position([TopicPartition(*tp) for tp in starts])
+                  if tp.offset >= ends[(tp.topic, tp.partition)]}
+    return {tp: n if tp in at_end else -1 for tp, n in found.items()}
+
+
+def wait_committed(bootstrap: str, inputs: Mapping[str, Sequence[str]], timeout: float = 120.0) -> None:
+    """Block until every group has committed all of its input (`uncommitted_inputs` empty)."""
+    deadline = time.monotonic() + timeout
+    behind = uncommitted_inputs(bootstrap, inputs)
+    while behind:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"input not committed after {timeout:.0f}s: {behind}")
+        time.sleep(0.5)
+        behind = uncommitted_inputs(bootstrap, inputs)
+
+
+def chain_snapshot(bootstrap: str, pipe: Pipeline, groups: Mapping[str, str],
+                   topics: Mapping[str, str]) -> str:
+    """Where each input partition of the chain stands, for a run that failed or did not drain.
+
+    `groups`: service -> consumer group id; `topics`: configuration name (`RAW`, `NORMALIZED`,
+    `ENRICHED`, `BARS`) -> topic. Per input partition of every service: the group's committed offset
+    (not requiring a stable offset, so an offset commit of an open transaction shows too), the last
+    stable offset (what a read_committed consumer can reach) and the high watermark; then the
+    services' own `dp_consumer_lag` (cached high watermark - consumer position), transactions,
+    rebalances, alignment holds and `/health`.
+    """
+    from confluent_kafka import Consumer, ConsumerGroupTopicPartitions, TopicPartition
+    from confluent_kafka.admin import AdminClient
+
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    lines = [f"chain snapshot {time.strftime('%H:%M:%S')}"]
+    readers = {level: Consumer({"bootstrap.servers": bootstrap, "group.id": f"snapshot-{uuid.uuid4().hex}",
+                                "isolation.level": level, "enable.auto.commit": False})
+               for level in ("read_committed", "read_uncommitted")}
+    try:
+        metadata = admin.list_topics(timeout=10)
+        for service, names in CHAIN_INPUTS.items():
+            group = groups[service]
+            tps = [TopicPartition(topics[n], p) for n in names
+                   for p in sorted(metadata.topics[topics[n]].partitions)]
+            try:
+                future = admin.list_consumer_group_offsets(
+                    [ConsumerGroupTopicPartitions(group, tps)], require_stable=False)[group]
+                committed = {(tp.topic, tp.partition): tp.offset for tp in future.result(30).topic_partitions}
+            except Exception as exc:
+                lines.append(f"{service}: committed offsets not read: {exc}")
+                committed = {}
+            for tp in tps:
+                try:
+                    lso = readers["read_committed"].get_watermark_offsets(tp, timeout=10)[1]
+                    hw = readers["read_uncommitted"].get_watermark_offsets(tp, timeout=10)[1]
+                except Exception as exc:
+                    lso = hw = -1
+                    lines.append(f"  watermarks of {tp.topic}[{tp.partition}] not read: {exc}")
+                at = committed.get((tp.topic, tp.partition))
+                lines.append(f"{service:13} {tp.topic}[{tp.partition}] committed={at} lso={lso} hw={hw}")
+    finally:
+        for reader in readers.values():
+            reader.close()
+    for service in SERVICES:
+        status, body = http_get(pipe.url(service, "/metrics"), timeout=10)
+        lags = [line for line in body.decode(errors="replace").splitlines()
+                if line.startswith(("dp_consumer_lag", "dp_abandoned", "dp_transactions_total",
+                                    "dp_alignment_paused", "dp_rebalances_total"))]
+        lines.append(f"{service} /metrics {status}: " + "; ".join(lags))
+        status, body = http_get(pipe.url(service, "/health"), timeout=10)
+        lines.append(f"{service} /health {status}: {body.decode(errors='replace')[:800]}")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:

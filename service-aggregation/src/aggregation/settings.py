@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Annotated
 
 from dataproc_shared.config import Settings
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from pydantic_settings import NoDecode
 
 from aggregation.transform import ChangelogFormat, Interval, WindowConfig
@@ -24,8 +24,12 @@ class AggregationOptions(BaseModel):
     #: partition with records still waiting (consumer lag > 0, refreshed every 10 s by the loop) is
     #: never idle, so keep this above that refresh interval.
     idle_timeout_ms: int = Field(default=30_000, ge=100, le=86_400_000)
-    #: Updates of open bars are emitted at most this often per partition (hence per bar).
+    #: Changed open bars are emitted as updates (`is_final = false`) this often (all partitions
+    #: together), hence at most this often per bar; 0 = every cycle.
     update_interval_ms: int = Field(default=1_000, ge=0, le=3_600_000)
+    #: Per bar interval, another update cadence than `update_interval_ms` (ms), e.g.
+    #: `{"1h": 15000}`; intervals not named use `update_interval_ms`.
+    update_intervals_ms: dict[str, Annotated[int, Field(ge=0, le=3_600_000)]] = {}
     #: How the open windows are written to the state changelog: `instrument` (one entry per
     #: instrument) or `window` (one per window, the format before; for a staged upgrade, see
     #: docs/runtime.md). Both are read whatever this says.
@@ -57,10 +61,19 @@ class AggregationOptions(BaseModel):
             raise ValueError(f"duplicate intervals: {list(value)}")
         return value
 
+    @field_validator("update_intervals_ms")
+    @classmethod
+    def _update_intervals_known(cls, value: dict[str, int], info: ValidationInfo) -> dict[str, int]:
+        intervals = info.data.get("intervals")
+        unknown = sorted(set(value) - set(intervals or ()))
+        if intervals is not None and unknown:
+            raise ValueError(f"names {unknown}, which are not among the intervals {list(intervals)}")
+        return value
+
     def window_config(self) -> WindowConfig:
         """The windowing core's configuration."""
         return WindowConfig.from_names(self.intervals, self.allowed_lateness_ms, self.idle_timeout_ms,
-                                       self.update_interval_ms)
+                                       self.update_interval_ms, self.update_intervals_ms)
 
 
 class AggregationSettings(Settings):

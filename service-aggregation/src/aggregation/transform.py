@@ -14,8 +14,11 @@ decision is taken per record, so the way the input is cut into batches never cha
   watermark` closes and is emitted once with `is_final = True`.
 - A partition that receives nothing for `idle_timeout` (wall clock, injectable) closes all of its
   windows.
-- Open bars that changed are emitted as updates (`is_final = False`) at most once per
-  `update_interval` (wall clock) per partition cycle, hence at most once per interval per bar.
+- Open bars that changed are emitted as updates (`is_final = False`) at most once per update
+  interval of their bar interval (wall clock; `update_interval`, or its per-interval override),
+  hence at most once per update interval per bar. The update clock is the engine's, not each
+  partition's: the updates of every partition fall due together, so they leave in one cycle (one
+  ClickHouse insert) instead of one cycle per partition.
 
 Versions are deterministic: an update carries the number of trades applied so far, the final bar
 `trade_count + 1`. Replaying the same input from a restored state therefore yields identical final
@@ -47,7 +50,7 @@ import heapq
 import re
 import struct
 import time
-from collections.abc import Callable, Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -117,6 +120,8 @@ class WindowConfig:
     allowed_lateness_ns: int = 5 * NS_PER_S
     idle_timeout_ns: int = 30 * NS_PER_S
     update_interval_ns: int = NS_PER_S
+    #: (interval name, update interval ns) for the intervals whose updates follow another cadence.
+    update_overrides_ns: tuple[tuple[str, int], ...] = ()
 
     def __post_init__(self) -> None:
         if not self.intervals:
@@ -126,6 +131,18 @@ class WindowConfig:
             raise AggregationError(f"duplicate intervals: {names}")
         if self.allowed_lateness_ns < 0 or self.idle_timeout_ns <= 0 or self.update_interval_ns < 0:
             raise AggregationError("lateness and update interval must be >= 0, idle timeout > 0")
+        for name, every in self.update_overrides_ns:
+            if name not in names:
+                raise AggregationError(f"update interval for {name!r}, which is not a bar interval {names}")
+            if every < 0:
+                raise AggregationError(f"update interval of {name!r} must be >= 0")
+
+    def update_every_ns(self, interval: str) -> int:
+        """How often (ns, wall clock) the changed open bars of `interval` are emitted as updates."""
+        for name, every in self.update_overrides_ns:
+            if name == interval:
+                return every
+        return self.update_interval_ns
 
     @classmethod
     def from_names(
@@ -134,13 +151,19 @@ class WindowConfig:
         allowed_lateness_ms: int = 5000,
         idle_timeout_ms: int = 30_000,
         update_interval_ms: int = 1000,
+        update_intervals_ms: Mapping[str, int] | None = None,
     ) -> WindowConfig:
-        """Config from interval names and millisecond durations (the settings' units)."""
+        """Config from interval names and millisecond durations (the settings' units).
+
+        `update_intervals_ms` overrides `update_interval_ms` for the intervals it names.
+        """
         return cls(
             intervals=tuple(Interval.parse(n) for n in intervals),
             allowed_lateness_ns=allowed_lateness_ms * NS_PER_MS,
             idle_timeout_ns=idle_timeout_ms * NS_PER_MS,
             update_interval_ns=update_interval_ms * NS_PER_MS,
+            update_overrides_ns=tuple((n.strip(), ms * NS_PER_MS)
+                                      for n, ms in sorted((update_intervals_ms or {}).items())),
         )
 
 
@@ -459,7 +482,7 @@ class _Partition:
     """State of one input partition."""
 
     __slots__ = ("by_instrument", "changed", "closed", "closed_through", "dirty", "foreign", "heap",
-                 "last_activity", "last_flush", "meta_changed", "watermark", "windows")
+                 "last_activity", "meta_changed", "watermark", "windows")
 
     def __init__(self, now: int) -> None:
         self.watermark: int | None = None
@@ -480,7 +503,6 @@ class _Partition:
         self.foreign: list[bytes] = []
         self.meta_changed = False
         self.last_activity = now
-        self.last_flush = now
 
 
 class WindowEngine:
@@ -497,6 +519,10 @@ class WindowEngine:
         self._parts: dict[int, _Partition] = {}
         self._lateness = config.allowed_lateness_ns
         self._intervals = [(i.name, i.length_ns) for i in config.intervals]
+        self._update_every = {i.name: config.update_every_ns(i.name) for i in config.intervals}
+        # When each interval's updates are due next (engine-wide, wall clock).
+        now = clock()
+        self._update_due = {name: now + every for name, every in self._update_every.items()}
 
     # ----------------------------------------------------------------- partitions and state
     @property
@@ -684,20 +710,41 @@ class WindowEngine:
         p.closed.append(key)
 
     # ----------------------------------------------------------------- timers
-    def flush_updates(self, partition: int | None = None, force: bool = False) -> list[Bar]:
-        """Updates (`is_final=False`) of changed open bars, at most once per `update_interval`."""
+    def flush_updates(self, force: bool = False) -> list[Bar]:
+        """Updates (`is_final=False`) of the changed open bars whose interval's updates are due.
+
+        Each interval's updates fall due once per its update interval (`WindowConfig.update_every_ns`),
+        for every partition at once; `force` takes every changed bar now.
+        """
         now = self._clock()
+        due_at = self._update_due
+        if force:
+            due = set(due_at)
+        else:
+            due = {name for name, at in due_at.items() if now >= at}
+            if not due:
+                return []
+        for name in due:
+            due_at[name] = now + self._update_every[name]
+        every_interval = len(due) == len(due_at)
         out: list[Bar] = []
-        parts = self._parts.items() if partition is None else [(partition, self._part(partition))]
-        for pid, p in parts:
+        for pid in sorted(self._parts):
+            p = self._parts[pid]
             if not p.dirty:
                 continue
-            if not force and now - p.last_flush < self.config.update_interval_ns:
+            windows = p.windows
+            if every_interval:
+                for key in p.dirty:
+                    out.append(windows[key].bar(pid, final=False))
+                p.dirty.clear()
                 continue
+            later: dict[WinKey, None] = {}
             for key in p.dirty:
-                out.append(p.windows[key].bar(pid, final=False))
-            p.dirty.clear()
-            p.last_flush = now
+                if key[1] in due:
+                    out.append(windows[key].bar(pid, final=False))
+                else:
+                    later[key] = None
+            p.dirty = later
         return out
 
     def mark_busy(self, partition: int) -> None:

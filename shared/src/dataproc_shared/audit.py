@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import uuid
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
@@ -287,12 +288,35 @@ class AuditEmitter:
             self._metrics.child(self._metrics.audit_queue_depth).set(len(self._queue))
 
     def kafka_records(self, events: Sequence[AuditEvent]) -> list[OutRecord]:
-        """`events` as audit-topic messages, for the loop to put in its transaction."""
+        """`events` as audit-topic messages, for the loop to put in its transaction.
+
+        The same JSON as `AuditRow.as_json`; the events of one call share one event time (the
+        clock is read and formatted once: a cycle's events are written in one transaction).
+        """
         topic = self.kafka_topic
-        if topic is None:
+        if topic is None or not events:
             return []
         key = self.service.encode()
-        return [OutRecord(topic=topic, key=key, value=orjson.dumps(self._row(e).as_json())) for e in events]
+        event_time = format_timestamp(self._clock())
+        service, environment = self.service, self.environment
+        ids = _uuid4_strings(len(events))
+        dumps = orjson.dumps
+        return [OutRecord(topic, key, dumps({
+            "event_id": event_id,
+            "event_time": event_time,
+            "service": service,
+            "event_type": e.event_type,
+            "environment": environment,
+            "correlation_id": e.correlation_id,
+            "instrument": e.instrument,
+            "source_topic": e.source_topic,
+            "source_partition": e.source_partition,
+            "offset_from": e.offset_from,
+            "offset_to": e.offset_to,
+            "outcome": e.outcome,
+            "reason": e.reason,
+            "details": e.details,
+        })) for event_id, e in zip(ids, events, strict=True)]
 
     def count_written(self, sink: str, count: int) -> None:
         """Record `count` events written to `sink` outside the emitter (the loop's transaction)."""
@@ -441,6 +465,18 @@ class AuditLoader:
     def close(self) -> None:
         """Leave the group."""
         self._consumer.close()
+
+
+def _uuid4_strings(count: int) -> list[str]:
+    """`count` random (version 4) UUIDs as `str(uuid.uuid4())` writes them, from one `os.urandom` call."""
+    raw = bytearray(os.urandom(16 * count))
+    out = []
+    for i in range(0, 16 * count, 16):
+        raw[i + 6] = (raw[i + 6] & 0x0F) | 0x40
+        raw[i + 8] = (raw[i + 8] & 0x3F) | 0x80
+        h = raw[i:i + 16].hex()
+        out.append(f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}")
+    return out
 
 
 def lifecycle_event(kind: str, **details: Any) -> AuditEvent:

@@ -1,11 +1,15 @@
 """The Kafka loop: the one place where delivery guarantees are implemented.
 
 `KafkaLoop` drives a service's `Processor` over confluent-kafka. asyncio runs outside; every
-blocking librdkafka call runs in a worker thread (`asyncio.to_thread`) so the health server stays
-responsive. One cycle:
+librdkafka call that can wait for the network runs in another thread (a worker, `asyncio.to_thread`,
+or the producer's runner thread for the transactional calls) so the health server stays responsive;
+calls that only queue, dequeue or ask librdkafka's own thread (`begin_transaction`, `produce`, taking
+already fetched records) run on the event loop's thread, since a hand-off to a Python thread costs
+~0.15 ms of CPU. One cycle:
 
-1. consume up to `loop.batch_size` records: wait at most `loop.batch_timeout_ms` for the first one,
-   then take what the consumer has already fetched, without waiting for the batch to fill;
+1. consume up to `loop.batch_size` records: take what the consumer has already fetched (no wait);
+   only when nothing is there, wait at most `loop.batch_timeout_ms` for the first one (in a worker
+   thread), then take what is fetched by then, without waiting for the batch to fill;
 2. `processor.process(batch)`, plus `processor.on_tick()` every `loop.tick_interval_ms` (also with
    no input);
 3. produce outputs (`OutRecord.partition` when set, else by key with the murmur2 partitioner, as
@@ -253,6 +257,11 @@ class _CallRunner:
     def __init__(self, name: str) -> None:
         self._queue: queue.SimpleQueue[tuple[Callable[[], Any], concurrent.futures.Future[Any]] | None] = (
             queue.SimpleQueue())
+        #: the client call in progress inside a job (`timed`): its name and when it started (monotonic)
+        self.busy: tuple[str, float] | None = None
+        #: set by `give_up`: no further `timed` call starts (the loop has walked away from the runner)
+        self.given_up = False
+        self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -266,11 +275,39 @@ class _CallRunner:
             except BaseException as exc:
                 future.set_exception(exc)
 
-    def call(self, call: Callable[[], T], deadline_s: float) -> T:
-        """`call()` in the runner's thread; `TimeoutError` when it has not returned by `deadline_s`."""
+    def submit(self, call: Callable[[], T]) -> concurrent.futures.Future[T]:
+        """Queue `call()` for the runner's thread; its future."""
         future: concurrent.futures.Future[T] = concurrent.futures.Future()
         self._queue.put((call, future))
-        return future.result(timeout=deadline_s)
+        return future
+
+    def call(self, call: Callable[[], T], deadline_s: float) -> T:
+        """`call()` in the runner's thread; `TimeoutError` when it has not returned by `deadline_s`."""
+        return self.submit(call).result(timeout=deadline_s)
+
+    def timed(self, what: str, call: Callable[[], T]) -> T:
+        """`call()` (in the runner's thread, inside a job), shown in `busy` while it runs.
+
+        Not started once the runner was given up (`_CycleFailed("hung")`): a job walked away from
+        must not go on, e.g. commit after its offsets call came back late.
+        """
+        with self._lock:
+            if self.given_up:
+                raise _CycleFailed("hung", f"{what}: not called, the loop walked away from this producer")
+            self.busy = (what, time.monotonic())
+        try:
+            return call()
+        finally:
+            self.busy = None
+
+    def give_up(self, deadline_s: float) -> str | None:
+        """When the call in progress has run `deadline_s` or longer: no further call starts; its name."""
+        with self._lock:
+            busy = self.busy
+            if busy is None or time.monotonic() - busy[1] < deadline_s:
+                return None
+            self.given_up = True
+            return busy[0]
 
     def stop(self) -> None:
         """Let the thread end after the call it runs (if any) returns."""
@@ -397,6 +434,11 @@ class KafkaLoop:
         #: committed offset of each partition not consumed since its assignment (lag), -1: none
         self._lag_start: dict[TP, int] = {}
         self._topic_names: dict[str, bytes] = {}
+        #: the consumer's group metadata for `send_offsets_to_transaction`, kept between cycles:
+        #: reading it is a round trip to librdkafka's main thread. Forgotten with every rebalance
+        #: event, consumer replacement and rolled-back cycle (a stale generation would only make
+        #: the broker refuse the offsets, which rolls the cycle back).
+        self._group_metadata: Any = None
 
     @property
     def _c(self) -> Consumer:
@@ -491,6 +533,7 @@ class KafkaLoop:
         parts = sorted(self._assigned)
         self._assigned.clear()
         self._events.clear()
+        self._group_metadata = None
         self._consumer_fatal = None
         self._stats_seen = {}
         self._lag_start.clear()
@@ -623,6 +666,38 @@ class KafkaLoop:
                 raise _CycleFailed("abortable", str(exc)) from exc.__cause__
             raise
 
+    async def _await_job(self, runner: _CallRunner, job: Callable[[], T]) -> T:
+        """Run `job` in the producer's runner thread and await it on the event loop, keeping `/live` up.
+
+        One thread hand-off each way (a worker thread waiting for the runner would add two). The
+        job's client calls go through `runner.timed`: one still running `TXN_CALL_DEADLINE_S` after
+        it started counts as hung (`_CycleFailed("hung")`) and the job is walked away from.
+        """
+        loop = asyncio.get_running_loop()
+        waiting = asyncio.wrap_future(runner.submit(job))
+        hung: list[str] = []
+        timer: list[asyncio.TimerHandle] = []
+
+        def beat() -> None:
+            stuck = runner.give_up(TXN_CALL_DEADLINE_S)
+            if stuck is not None:
+                hung.append(stuck)
+                waiting.cancel()  # the runner's call goes on; its result is never looked at
+                return
+            self._heartbeat()
+            timer[0] = loop.call_later(1.0, beat)
+
+        timer.append(loop.call_later(1.0, beat))
+        try:
+            return await waiting
+        except asyncio.CancelledError:
+            if hung:
+                message = f"{hung[0]}: no answer within {TXN_CALL_DEADLINE_S:.0f}s"
+                raise _CycleFailed("hung", message) from None
+            raise
+        finally:
+            timer[0].cancel()
+
     # ---- rebalance callbacks (run inside consume, in the worker thread) ------------------------
 
     def _cb_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
@@ -656,7 +731,11 @@ class KafkaLoop:
                 await self._handle_rebalance([], seen)
                 return
         else:
-            msgs = await asyncio.to_thread(self._consume, consumer)
+            # What is fetched already is taken on the event loop's thread (no wait); only a wait for
+            # the first record goes to a worker thread (two thread wake-ups saved per busy cycle).
+            msgs = consumer.consume(self._opts.batch_size, 0)
+            if not msgs and not self._events:
+                msgs = await asyncio.to_thread(self._consume, consumer)
             started = time.perf_counter()
             if msgs:
                 # the wait that ended with records (idle waits say nothing about latency)
@@ -794,7 +873,7 @@ class KafkaLoop:
         self._delivery_errors = []
         step = time.perf_counter()
         if self._exactly_once:
-            # a local call in librdkafka (no broker round trip): no worker thread needed
+            # no broker round trip (librdkafka's main thread answers): no worker thread needed
             self._retry(producer.begin_transaction, "begin_transaction")
         records = self._collect(batch, result, produced, failed_at)
         await self._produce(records)
@@ -815,7 +894,7 @@ class KafkaLoop:
             # which must not see this cycle half-way. Roll back; the next cycle applies the change.
             raise _CycleFailed("abortable", "rebalance during the cycle")
         if self._exactly_once:
-            await self._beating(asyncio.to_thread(self._commit_transaction, batch.offsets()))
+            await self._commit_transaction(batch.offsets())
         else:
             await asyncio.to_thread(self._flush_and_commit, batch.offsets())
         return produced
@@ -970,19 +1049,29 @@ class KafkaLoop:
             kind = classify(err) if err is not None else "fatal"
             raise _CycleFailed("abortable" if kind == "retriable" else kind, f"produce: {exc}") from exc
 
-    def _commit_transaction(self, offsets: list[TopicPartition]) -> None:
-        producer, consumer = self._p, self._c
-        step = time.perf_counter()
-        if offsets:
-            metadata = consumer.consumer_group_metadata()
-            self._retry(lambda: producer.send_offsets_to_transaction(offsets, metadata, TXN_CALL_TIMEOUT_S),
-                        "send_offsets_to_transaction", deadline=True)
-            sent = time.perf_counter()
-            self._metrics.step("send_offsets", sent - step)
-            step = sent
-        self._retry(lambda: producer.commit_transaction(TXN_CALL_TIMEOUT_S), "commit_transaction",
-                    deadline=True)
-        self._metrics.step("commit", time.perf_counter() - step)
+    async def _commit_transaction(self, offsets: list[TopicPartition]) -> None:
+        """Send the offsets to the transaction and commit it: one job in the producer's runner thread."""
+        producer, runner = self._p, self._runner
+        if runner is None:
+            raise LoopError("the loop is not running")
+        metadata = self._group_metadata
+        if offsets and metadata is None:
+            metadata = self._group_metadata = self._c.consumer_group_metadata()
+
+        def commit() -> None:
+            step = time.perf_counter()
+            if offsets:
+                self._retry(lambda: runner.timed("send_offsets_to_transaction", lambda: (
+                    producer.send_offsets_to_transaction(offsets, metadata, TXN_CALL_TIMEOUT_S))),
+                    "send_offsets_to_transaction")
+                sent = time.perf_counter()
+                self._metrics.step("send_offsets", sent - step)
+                step = sent
+            self._retry(lambda: runner.timed("commit_transaction", lambda: (
+                producer.commit_transaction(TXN_CALL_TIMEOUT_S))), "commit_transaction")
+            self._metrics.step("commit", time.perf_counter() - step)
+
+        await self._await_job(runner, commit)
 
     def _flush_and_commit(self, offsets: list[TopicPartition]) -> None:
         producer, consumer = self._p, self._c
@@ -997,6 +1086,7 @@ class KafkaLoop:
 
     async def _recover(self, kind: ErrorClass, message: str) -> None:
         self._failures += 1
+        self._group_metadata = None
         log.warning("cycle rolled back", service=self._service, error_class=kind, error=message,
                     consecutive=self._failures)
         if self._exactly_once and kind not in ("fatal", "hung"):
@@ -1115,6 +1205,7 @@ class KafkaLoop:
         """
         consumer = self._c
         events, self._events = self._events, []
+        self._group_metadata = None
         first_seen: dict[TP, int] = self._drop_held(seen)
         for msg in msgs:
             err = msg.error()
@@ -1196,26 +1287,44 @@ class KafkaLoop:
         (`max.poll.interval.ms`): after a third of that interval the assigned partitions are paused
         and the consumer is polled periodically (no records are delivered while paused) until the
         step finishes, then they are resumed. A rebalance served meanwhile makes the transaction's
-        offset commit fail (stale generation), which rolls the cycle back as usual.
+        offset commit fail (stale generation), which rolls the cycle back as usual. The step is
+        awaited directly and the keep-alive is a timer (a step that ends in time costs no task).
         """
-        task = asyncio.ensure_future(step)
         interval = min(self._opts.max_poll_interval_ms / 3000, KEEPALIVE_MAX_S)
+        finished = asyncio.Event()
+        keeper: asyncio.Task[None] | None = None
+
+        def slow() -> None:
+            nonlocal keeper
+            keeper = asyncio.create_task(self._keep_membership(what, interval, finished))
+
+        timer = asyncio.get_running_loop().call_later(interval, slow)
+        try:
+            return await step
+        finally:
+            timer.cancel()
+            if keeper is not None:
+                finished.set()
+                await keeper
+
+    async def _keep_membership(self, what: str, interval: float, finished: asyncio.Event) -> None:
+        """`_guarded`'s keep-alive: pause, poll every `interval` until `finished`, resume.
+
+        The partitions the alignment holds paused in the client stay paused.
+        """
         paused: list[TopicPartition] = []
         try:
-            while True:
-                done, _ = await asyncio.wait({task}, timeout=interval)
-                if done:
-                    return task.result()
-                if not paused and self._assigned:
-                    paused = [TopicPartition(t, p) for t, p in sorted(self._assigned)]
-                    await asyncio.to_thread(self._c.pause, paused)
-                    self.paused_for_slow_steps += 1
-                    log.info("slow step: consumption paused", service=self._service, step=what,
-                             partitions=len(paused))
+            if self._assigned:
+                paused = [TopicPartition(t, p) for t, p in sorted(self._assigned)]
+                await asyncio.to_thread(self._c.pause, paused)
+                self.paused_for_slow_steps += 1
+                log.info("slow step: consumption paused", service=self._service, step=what,
+                         partitions=len(paused))
+            while not finished.is_set():
                 await asyncio.to_thread(self._keepalive_poll)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(finished.wait(), interval)
         finally:
-            if not task.done():
-                task.cancel()
             resume = self._not_held(paused)
             if resume and not self._events:
                 with contextlib.suppress(KafkaException):
@@ -1499,6 +1608,16 @@ class _Metrics:
     def __init__(self, metrics: ServiceMetrics) -> None:
         self._m = metrics
         self._steps: dict[str, Any] = {}
+        # children recorded every cycle, looked up once (`ServiceMetrics.child` sorts the labels)
+        m = metrics
+        self._committed = m.child(m.transactions, outcome="committed")
+        self._batch_size = m.child(m.batch_size)
+        self._processing = m.child(m.processing_seconds)
+        self._ingest = m.child(m.ingest_latency)
+        self._event = m.child(m.event_latency)
+        self._heartbeat = m.child(m.loop_last_tick)
+        self._in: dict[str, Any] = {}
+        self._out: dict[str, Any] = {}
 
     def step(self, name: str, seconds: float) -> None:
         """Wall time of one step of a cycle (`dp_cycle_step_seconds`)."""
@@ -1512,13 +1631,17 @@ class _Metrics:
         for rec in records:
             counts[rec.topic] = counts.get(rec.topic, 0) + 1
         for topic, n in counts.items():
-            self._m.record_in(topic, n)
+            child = self._in.get(topic)
+            if child is None:
+                child = self._in[topic] = self._m.child(self._m.messages_in, topic=topic)
+            child.inc(n)
 
     def committed(self, batch: _Batch, produced: _Produced, seconds: float, now_s: float) -> None:
         m = self._m
-        m.record_transaction("committed")
+        self._committed.inc()
         if batch.records:
-            m.record_batch(len(batch.records), seconds)
+            self._batch_size.observe(len(batch.records))
+            self._processing.observe(seconds)
         per_topic: dict[str, int] = {}
         ingest: list[bytes] = []
         event: list[bytes] = []
@@ -1532,11 +1655,14 @@ class _Metrics:
                     event.append(value)
         now_ns = int(now_s * 1e9)
         if ingest:
-            observe_many(m.child(m.ingest_latency), _seconds_since(now_ns, ingest))
+            observe_many(self._ingest, _seconds_since(now_ns, ingest))
         if event:
-            observe_many(m.child(m.event_latency), _seconds_since(now_ns, event))
+            observe_many(self._event, _seconds_since(now_ns, event))
         for topic, n in per_topic.items():
-            m.record_out(topic, n)
+            child = self._out.get(topic)
+            if child is None:
+                child = self._out[topic] = m.child(m.messages_out, topic=topic)
+            child.inc(n)
         for dl in produced.dead_letters:
             m.record_dead_letter(str(dl.reason))
         m.record_duplicates(produced.deduplicated)
@@ -1565,7 +1691,7 @@ class _Metrics:
         self._m.record_abandoned_producer()
 
     def tick(self, now_s: float) -> None:
-        self._m.heartbeat(now_s)
+        self._heartbeat.set(now_s)
 
 
 def _close_producer(producer: Producer) -> None:
