@@ -370,3 +370,28 @@ def test_statistics_take_the_committed_offset_of_a_partition_not_consumed_yet() 
         for ts in (0, 40, 80):
             lp._cb_stats(json.dumps({"ts": ts * 1_000_000, "topics": {"in": {"partitions": {"0": part}}}}))
     assert [e for e in logs if e["event"] == "consumer partition not advancing"] == []
+
+
+def test_close_producer_goes_on_when_close_raises_the_clients_warning() -> None:
+    """A producer whose transaction cannot be aborted warns from `close`; with warnings as errors the
+    client raises SystemError from it. Closing a failed producer must not fail the loop's recovery."""
+    calls: list[str] = []
+
+    class FatalProducer:
+        def purge(self) -> None:
+            calls.append("purge")
+            raise KafkaException(KafkaError(KafkaError._FATAL))
+
+        def flush(self, timeout: float) -> int:
+            calls.append("flush")
+            return 0
+
+        def close(self) -> None:
+            calls.append("close")
+            try:
+                raise RuntimeWarning("Producer abort_transaction failed during close")
+            except RuntimeWarning as warning:
+                raise SystemError("close returned a result with an exception set") from warning
+
+    loop_module._close_producer(FatalProducer())  # type: ignore[arg-type]
+    assert calls == ["purge", "flush", "close"]

@@ -1698,12 +1698,14 @@ def _close_producer(producer: Producer) -> None:
     """Drop what a failed producer still holds and close it (before a new one takes its id).
 
     A producer in a fatal state may raise from any of these calls; closing goes on regardless.
+    `close` of a producer whose transaction cannot be aborted issues a RuntimeWarning; where
+    warnings are errors (the test suite) the client turns it into a SystemError, caught here too.
     """
     for step in (producer.purge, lambda: producer.flush(0), producer.close):
         try:
             step()
-        except (KafkaException, RuntimeError) as exc:
-            log.info("closing a failed producer", error=str(exc))
+        except (KafkaException, RuntimeError, SystemError) as exc:
+            log.info("closing a failed producer", error=str(exc), cause=repr(exc.__cause__))
 
 
 def _seconds_since(now_ns: int, raws: list[bytes]) -> list[float]:
