@@ -173,7 +173,9 @@ def test_a_consumer_whose_committed_offsets_stay_unreadable_is_replaced(
             await asyncio.wait_for(task, 60)
 
     out = asyncio.run(scenario())
-    assert _CommittedTimesOut.calls == loop_module.REWIND_ATTEMPTS  # every rewind failed: a new consumer
+    # every rewind failed (the first REWIND_ATTEMPTS calls): a new consumer; a later lag lookup of a
+    # partition the new consumer has not read yet may call committed() again, successfully
+    assert _CommittedTimesOut.calls >= loop_module.REWIND_ATTEMPTS
     assert len(kafka_loop._consumer_restarts) == 1
     assert Counter(r.value for r in out) == Counter(b"v%d" % i for i in range(N))
     assert len(processor.revoked) >= 1
