@@ -1,8 +1,9 @@
-"""The benchmark's window-close measurement: which announcements count, and which bars are set apart."""
+"""The benchmark's phase figures: window-close delays (which announcements count), bar emissions, options."""
 
 from __future__ import annotations
 
-from dptools.bench import FinalBarSeen, final_bar_delays, final_bar_seen
+import pytest
+from dptools.bench import FinalBarSeen, bars_emitted, final_bar_delays, final_bar_seen, service_env
 
 S = 10**9
 MS = 10**6
@@ -38,3 +39,23 @@ def test_delays_keep_watermark_closes_of_the_phase_only() -> None:
     delays, apart = final_bar_delays(seen, since, feed_end)
     assert delays == {"1m": [300.0], "5m": [1000.0]}
     assert apart == {"after_feed": 2, "before_close": 1}
+
+
+def test_bars_emitted_per_second_by_interval_and_kind() -> None:
+    def sample(interval: str, final: str) -> tuple[str, frozenset[tuple[str, str]]]:
+        labels = {("service", "aggregation"), ("interval", interval), ("final", final)}
+        return ("dp_bars_emitted_total", frozenset(labels))
+
+    before = {sample("1m", "false"): 100.0, sample("1m", "true"): 5.0}
+    after = {sample("1m", "false"): 700.0, sample("1m", "true"): 25.0, sample("1h", "false"): 30.0,
+             ("dp_messages_in_total", frozenset()): 1e6}
+    assert bars_emitted(before, after, 10.0) == {"1h update": 3.0, "1m final": 2.0, "1m update": 60.0}
+
+
+def test_service_env_takes_data_proc_variables_only() -> None:
+    assert service_env(['DATA_PROC_AGGREGATION__UPDATE_INTERVALS_MS={"1h": 15000}', "DATA_PROC_X=a=b"]) == {
+        "DATA_PROC_AGGREGATION__UPDATE_INTERVALS_MS": '{"1h": 15000}', "DATA_PROC_X": "a=b"}
+    with pytest.raises(SystemExit, match="expected DATA_PROC_"):
+        service_env(["PATH=/tmp"])
+    with pytest.raises(SystemExit, match="expected DATA_PROC_"):
+        service_env(["DATA_PROC_LOG_LEVEL"])

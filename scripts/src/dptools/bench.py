@@ -418,6 +418,58 @@ def percentiles(values: list[float]) -> dict[str, float]:
     return {"n": len(s), "p50": pick(0.5), "p99": pick(0.99), "p99.9": pick(0.999), "max": s[-1]}
 
 
+def service_env(pairs: list[str]) -> dict[str, str]:
+    """`KEY=VALUE` options as environment variables of the services; only `DATA_PROC_` keys."""
+    out: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.startswith("DATA_PROC_"):
+            raise SystemExit(f"--service-env {pair!r}: expected DATA_PROC_<NAME>=<value>")
+        out[key] = value
+    return out
+
+
+def bars_emitted(before: Samples, after: Samples, seconds: float) -> dict[str, float]:
+    """Bar emissions per second of the aggregation over a phase, by `<interval> update|final`."""
+    out: dict[str, float] = {}
+    for (name, labels), value in after.items():
+        if name != "dp_bars_emitted_total":
+            continue
+        lab = dict(labels)
+        kind = "final" if lab.get("final") == "true" else "update"
+        key = f"{lab.get('interval', '?')} {kind}"
+        out[key] = out.get(key, 0.0) + (value - before.get((name, labels), 0.0)) / seconds
+    return dict(sorted(out.items()))
+
+
+def committed_lag(bootstrap: str, group: str, topic: str) -> int:
+    """Records (and transaction markers) of `topic` past `group`'s committed offsets, all partitions.
+
+    What the group has not processed and committed yet, read from the broker (not the services'
+    own lag gauge, which is refreshed every 10 s and counts from the consumer's position). A
+    partition without a committed offset counts from its low watermark.
+    """
+    from confluent_kafka import Consumer, ConsumerGroupTopicPartitions, TopicPartition
+
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    parts = sorted(admin.list_topics(topic, timeout=10).topics[topic].partitions)
+    tps = [TopicPartition(topic, p) for p in parts]
+    listed = admin.list_consumer_group_offsets([ConsumerGroupTopicPartitions(group, tps)],
+                                               require_stable=False)[group]
+    committed = {tp.partition: tp.offset for tp in listed.result(30).topic_partitions}
+    reader = Consumer({"bootstrap.servers": bootstrap, "group.id": f"lag-check-{uuid.uuid4().hex}",
+                       "enable.auto.commit": False})
+    try:
+        lag = 0
+        for p in parts:
+            low, high = reader.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
+            at = committed.get(p, -1)
+            lag += max(0, high - (at if at >= 0 else low))
+        return lag
+    finally:
+        reader.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark."""
     parser = argparse.ArgumentParser(prog="python -m dptools.bench", description=__doc__,
@@ -438,7 +490,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="DATA_PROC_LOG_LEVEL of the services (INFO shows idle closes and alignment)")
     parser.add_argument("--keep-topics", action="store_true",
                         help="leave the run's topics (bench-<run id>-*) for inspection")
+    parser.add_argument("--service-env", action="append", default=[], metavar="DATA_PROC_KEY=VALUE",
+                        help="an environment variable of every service, e.g. "
+                             "'DATA_PROC_AGGREGATION__UPDATE_INTERVALS_MS={\"1h\": 15000}' (repeatable)")
     args = parser.parse_args(argv)
+    service_env(args.service_env)  # a malformed option stops the run before anything is created
     env = dict(os.environ)
     bootstrap, dsn = env["DATA_PROC_KAFKA_BOOTSTRAP"], env["DATA_PROC_POSTGRES_DSN"]
     # the reference tables and their rows, idempotently (as the main job does): the generator and
@@ -472,6 +528,9 @@ def main(argv: list[str] | None = None) -> int:
     base.update({"DATA_PROC_LOG_LEVEL": args.log_level, "DATA_PROC_AUDIT_KAFKA_TOPIC": audit,
                  "DATA_PROC_CLICKHOUSE_URL": str(work / "chdb"), "DATA_PROC_REDIS_URL": redis_url})
     base.update({f"DATA_PROC_TOPICS__{k}": v for k, v in names.items()})
+    extra_env = service_env(args.service_env)
+    base.update(extra_env)
+    results["service_env"] = extra_env
     if not args.drain_only:
         print("relay chain ...", flush=True)
         results["relay_chain"] = run_relay_chain(bootstrap, names["RAW"], args.ticks, run_id, base,
@@ -546,8 +605,14 @@ def main(argv: list[str] | None = None) -> int:
             before = {s: (cpu_seconds(pids[s]), scrape(url(s))) for s in SERVICES}
             since_ns = time.time_ns()
             listener.recording = True
+            load_start = os.getloadavg()[0]
             sent, feed_end_ns = open_loop(bootstrap, names["RAW"], rate, args.open_loop_seconds, dsn, seed)
+            feed_s = (time.time_ns() - since_ns) / 1e9
+            feed_end = time.monotonic()
+            lag_at_feed_end = committed_lag(bootstrap, f"bench-{run_id}-aggregation", names["ENRICHED"])
+            load_feed_end = os.getloadavg()[0]
             pipe.wait_drained(timeout=300, settle=2)
+            catch_up_s = time.monotonic() - feed_end - 2
             listener.recording = False
             phase_s = (time.time_ns() - since_ns) / 1e9
             by_interval, apart = final_bar_delays(listener.final_bars, since_ns, feed_end_ns)
@@ -560,11 +625,25 @@ def main(argv: list[str] | None = None) -> int:
                      "final_bars_closed_after_feed": apart["after_feed"],
                      "final_bars_closed_before_close": apart["before_close"],
                      "listener_errors": listener.errors - errors,
+                     "feed_seconds": feed_s,
+                     # committed lag of the aggregation when the last tick was sent, and how long the
+                     # pipeline then took to drain: both ~0 while the services keep up
+                     "aggregation_lag_at_feed_end": lag_at_feed_end,
+                     "catch_up_seconds": catch_up_s,
+                     "load_average": [load_start, load_feed_end],
                      "services": {s: phase_figures(before[s], (cpu_seconds(pids[s]), scrape(url(s))), sent,
                                                    phase_s) for s in SERVICES}}
+            agg_after = scrape(url("aggregation"))
+            entry["bars_emitted_per_s"] = bars_emitted(before["aggregation"][1], agg_after, feed_s)
+            entry["aggregation_clickhouse_rows_per_s"] = (
+                metric(agg_after, "dp_clickhouse_rows_written_total")
+                - metric(before["aggregation"][1], "dp_clickhouse_rows_written_total")) / feed_s
             results["open_loop"].append(entry)
             print(f"  tick->redis {entry['tick_to_redis_ms']}", flush=True)
             print(f"  window close->final bar {entry['window_close_to_final_bar_ms']}", flush=True)
+            print(f"  aggregation lag at feed end {lag_at_feed_end}, catch-up {catch_up_s:.1f} s, "
+                  f"load {load_start:.1f} -> {load_feed_end:.1f}", flush=True)
+            print(f"  bars emitted/s {entry['bars_emitted_per_s']}", flush=True)
             for name, f in entry["services"].items():
                 print(f"  {name}: {f['cpu_us_per_tick']:.1f} CPU µs/tick, "
                       f"{f['cpu_us_per_cycle']:.0f} µs/cycle, {f['cycles_per_s']:.1f} cycles/s, "
