@@ -10,6 +10,7 @@ from aggregation.app import AggregationProcessor
 from aggregation.settings import AggregationOptions
 from aggregation.transform import NS_PER_S, decode_instrument_state
 from dataproc_shared import avro
+from dataproc_shared.metrics import ServiceMetrics
 from dataproc_shared.records import DeadLetterReason, InRecord
 from dataproc_shared.state import ChangelogStore
 from pydantic import ValidationError
@@ -91,3 +92,30 @@ def test_update_cadence_per_interval_from_the_settings() -> None:
         AggregationOptions(intervals=("1m",), update_intervals_ms={"5m": 1000})
     with pytest.raises(ValidationError):
         AggregationOptions(intervals=("1m",), update_intervals_ms={"1m": -1})
+
+
+async def test_idle_timer_closes_ended_windows_and_counts_the_open_ones() -> None:
+    clock = Clock()
+    clock.now = 1_000 * NS_PER_S
+    metrics = ServiceMetrics("aggregation")
+    store = ChangelogStore(topic="cl", kafka_config={}, codec="bytes")
+    opts = AggregationOptions(intervals=("1m", "1h"), allowed_lateness_ms=5_000, idle_timeout_ms=10_000)
+    proc = AggregationProcessor(config=opts.window_config(), input_topic="in", bars_topic="bars",
+                                store=store, metrics=metrics, clock=clock)
+    await proc.process([rec(0, enriched(955 * NS_PER_S, 10.0))])  # minute [900 s, 960 s), hour [0, 3600 s)
+    clock.now = 1_011 * NS_PER_S
+    res = await proc.on_tick()
+    finals = [b for b in (avro.decode(o.value or b"", "bar") for o in res.outputs) if b["is_final"]]
+    assert [(b["interval"], b["window_start_ms"]) for b in finals] == [("1m", 900_000)]
+
+    def sample(name: str, **labels: str) -> float | None:
+        return metrics.registry.get_sample_value(name, {"service": "aggregation", **labels})
+
+    assert sample("dp_idle_closed_windows_total", interval="1m") == 1
+    assert sample("dp_idle_closed_windows_total", interval="1h") is None
+    assert sample("dp_idle_open_windows") == 1  # the hour: its close (3605 s) lies ahead
+    clock.now = 3_606 * NS_PER_S
+    res = await proc.on_tick()
+    assert [avro.decode(o.value or b"", "bar")["interval"] for o in res.outputs] == ["1h"]
+    assert sample("dp_idle_closed_windows_total", interval="1h") == 1
+    assert sample("dp_idle_open_windows") == 0

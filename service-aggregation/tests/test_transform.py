@@ -8,8 +8,10 @@ import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import orjson
 import pytest
 from aggregation.transform import (
+    META_KEY,
     NS_PER_MS,
     NS_PER_S,
     AggregationError,
@@ -148,6 +150,7 @@ def test_a_partition_with_a_backlog_is_not_idle() -> None:
 
 def test_idle_partition_closes_and_later_trades_for_closed_windows_are_late() -> None:
     clock = FakeClock()
+    clock.now = 10_000 * NS_PER_S  # the event times below lie hours in the past: a replayed backlog
     eng = WindowEngine(cfg("1m", "1h", idle_ms=10_000), clock)
     eng.apply(trade(10 * MIN, 1.0, offset=0))
     eng.apply(trade(5 * MIN, 1.0, offset=0, partition=1, inst="X:B"))
@@ -166,6 +169,129 @@ def test_idle_partition_closes_and_later_trades_for_closed_windows_are_late() ->
     assert applied.late.intervals == ("1h",)
     # another instrument on the idle-closed partition is not affected
     assert eng.apply(trade(5 * MIN + 4, 9.0, offset=3, partition=1, inst="X:C")).late is None
+
+
+S = NS_PER_S
+
+
+def live_engine(clock: FakeClock) -> WindowEngine:
+    """A quiet live feed on partition 0: two trades of the minute [900 s, 960 s), the wall clock at
+    957 s; the minute closes at 965 s, the hour [0, 3600 s) at 3605 s (5 s lateness)."""
+    clock.now = 957 * S
+    eng = WindowEngine(cfg("1m", "1h", idle_ms=10_000), clock)
+    eng.apply(trade(950 * S, 1.0, offset=0))
+    eng.apply(trade(955 * S, 2.0, offset=1))
+    return eng
+
+
+def test_idle_close_finalizes_only_the_windows_whose_close_has_passed_on_the_wall_clock() -> None:
+    clock = FakeClock()
+    eng = live_engine(clock)
+    clock.now = 964 * S  # idle for 7 s only
+    assert eng.close_idle() == []
+    clock.now = 967 * S  # idle for 10 s: the minute's close (965 s) has passed, the hour's has not
+    idle = eng.close_idle()
+    assert [(b.interval, b.window_start_ns, b.is_final, b.trade_count, b.version) for b in idle] == [
+        ("1m", 900 * S, True, 2, 3)]
+    assert eng.open_windows() == 1
+    assert eng.idle_open_windows() == (1, 3605 * S)
+    clock.now = 3605 * S  # the hour's close reached, not passed
+    assert eng.close_idle() == []
+    clock.now += NS_PER_S  # one timer period later
+    hour = eng.close_idle()
+    assert [(b.interval, b.window_start_ns, b.is_final, b.trade_count, b.version) for b in hour] == [
+        ("1h", 0, True, 2, 3)]
+    assert eng.open_windows() == 0
+    assert eng.idle_open_windows() == (0, None)
+
+
+def test_a_trade_for_the_window_left_open_is_on_time_one_for_the_idle_closed_window_late() -> None:
+    clock = FakeClock()
+    eng = live_engine(clock)
+    clock.now = 967 * S
+    assert len(eng.close_idle()) == 1  # the minute
+    clock.now = 1100 * S
+    late = eng.apply(trade(958 * S, 3.0, offset=2)).late  # the idle-closed minute; the hour is open
+    assert late is not None
+    assert late.intervals == ("1m",)
+    assert eng.apply(trade(1090 * S, 4.0, offset=3)).late is None  # a new minute of the same hour
+    clock.now = 1109 * S  # active again: not idle before 1110 s, though the new minute's close...
+    assert eng.close_idle() == []
+    clock.now = 1146 * S  # ...(1145 s) has passed by now
+    assert [(b.interval, b.trade_count) for b in eng.close_idle()] == [("1m", 1)]
+    clock.now = 3606 * S
+    hour = eng.close_idle()
+    assert [(b.interval, b.trade_count, b.open, b.close, b.version) for b in hour] == [("1h", 4, 1.0, 4.0, 5)]
+
+
+def test_restore_between_idle_closes_neither_reopens_nor_closes_twice() -> None:
+    clock = FakeClock()
+    eng = live_engine(clock)
+    changelog: dict[bytes, bytes | None] = dict(eng.changes(0))
+    clock.now = 967 * S
+    assert [b.interval for b in eng.close_idle()] == ["1m"]
+    changelog.update(eng.changes(0))
+    # a restart: the minute stays closed, the hour open, with its trades
+    again = WindowEngine(eng.config, clock)
+    again.restore_partition(0, changelog.items())
+    assert again.changes(0) == []
+    assert again.open_windows() == 1
+    clock.now = 1000 * S
+    for engine in (eng, again):
+        late = engine.apply(trade(959 * S, 9.0, offset=2)).late
+        assert late is not None
+        assert late.intervals == ("1m",)
+        assert engine.apply(trade(990 * S, 5.0, offset=3)).late is None
+    # the watermark (990 s) has passed the minute: its idle-closed record is dropped from the meta
+    meta = orjson.loads(dict(again.changes(0))[META_KEY])
+    assert meta == {"wm": 990 * S, "closed": []}
+    clock.now = 3606 * S
+    finals = eng.close_idle()
+    assert again.close_idle() == finals
+    assert [(b.interval, b.window_start_ns, b.trade_count, b.version) for b in finals] == [
+        ("1m", 960 * S, 1, 2), ("1h", 0, 4, 5)]
+
+
+def test_restore_after_the_idle_close_keeps_the_closed_window_late() -> None:
+    clock = FakeClock()
+    eng = live_engine(clock)
+    clock.now = 967 * S
+    eng.close_idle()
+    changes = dict(eng.changes(0))
+    closed = [["XNYM:CLZ6", "1m", 900 * S, 960 * S]]
+    assert orjson.loads(changes[META_KEY]) == {"wm": 955 * S, "closed": closed}
+    again = WindowEngine(eng.config, clock)
+    again.restore_partition(0, changes.items())
+    late = again.apply(trade(901 * S, 1.0, offset=2)).late
+    assert late is not None
+    assert late.intervals == ("1m",)
+
+
+def test_event_times_ahead_of_the_wall_clock_wait_for_it() -> None:
+    clock = FakeClock()  # 1000 s
+    eng = WindowEngine(cfg("1m", idle_ms=10_000), clock)
+    eng.apply(trade(1200 * S, 1.0, offset=0))  # 200 s ahead (clock skew): the minute closes at 1265 s
+    clock.now = 1100 * S
+    assert eng.close_idle() == []
+    assert eng.idle_open_windows() == (1, 1265 * S)
+    clock.now = 1266 * S
+    assert [b.window_start_ns for b in eng.close_idle()] == [1200 * S]
+
+
+def test_a_replayed_backlog_closes_everything_at_the_idle_timeout() -> None:
+    clock = FakeClock()
+    clock.now = 100_000 * S  # the event times below lie more than a day in the past
+    eng = WindowEngine(cfg("1m", "5m", "1h", idle_ms=10_000), clock)
+    eng.apply(trade(100 * S, 1.0, offset=0))
+    eng.apply(trade(4000 * S, 2.0, offset=0, inst="X:B", partition=1))
+    clock.now += 10 * S
+    closed = eng.close_idle()
+    assert len(closed) == 6
+    assert all(b.is_final for b in closed)
+    # in (window end, key) order, as the watermark would have closed them
+    assert [b.window_end_ns for b in closed] == sorted(b.window_end_ns for b in closed)
+    assert eng.open_windows() == 0
+    assert eng.idle_open_windows() == (0, None)
 
 
 def test_updates_are_paced_and_versions_grow() -> None:
@@ -369,13 +495,27 @@ def test_a_changelog_in_the_other_format_restores_and_is_converted(old: Changelo
 # ---------------------------------------------------------------------------------- property-based
 INSTRUMENTS = ("A:X", "A:Y", "B:Z")
 PART_OF = {"A:X": 0, "A:Y": 1, "B:Z": 0}
-PROP_CFG = WindowConfig.from_names(("1s", "5s", "1m"), allowed_lateness_ms=2000, idle_timeout_ms=60_000,
+PROP_CFG = WindowConfig.from_names(("1s", "5s", "1m"), allowed_lateness_ms=2000, idle_timeout_ms=5_000,
                                    update_interval_ms=500)
+#: Wall-clock step of the fake clock per record in the property tests.
+TICK_WALL_NS = 100 * NS_PER_MS
 
 
 @dataclass(frozen=True)
 class Idle:
-    """A wall-clock jump past the idle timeout."""
+    """The idle timer runs with the wall clock at `at_ns`, past the idle timeout since the last record."""
+
+    at_ns: int
+
+
+def walls(events: Sequence[Tick | Idle]) -> list[int]:
+    """The wall clock at each event: an `Idle` sets it, each record moves it on by `TICK_WALL_NS`."""
+    out: list[int] = []
+    wall = 0
+    for ev in events:
+        wall = ev.at_ns if isinstance(ev, Idle) else wall + TICK_WALL_NS
+        out.append(wall)
+    return out
 
 
 def _ref_bar(trades: list[Tick], interval: str, start: int, end: int) -> Bar:
@@ -402,19 +542,23 @@ def reference(events: list[Tick | Idle], config: WindowConfig) -> tuple[list[Bar
     finals: list[Bar] = []
     late = 0
 
-    def close(pred: object) -> None:
+    def close(pred: int | None, idle_at: int | None = None) -> None:
+        """Close by partition `pred`'s watermark; or, with `idle_at`, the windows every (idle)
+        partition has whose close lies before that wall-clock time; or, with neither, everything."""
         for k in sorted(open_, key=lambda k: (k[3] + parse_interval(k[2]), k[1:])):
             p, inst, name, start = k
             end = start + parse_interval(name)
-            if pred is None or (p == pred and end + lateness < wm[p]):
-                finals.append(_ref_bar(open_.pop(k), name, start, end))
-                if pred is None:
+            if idle_at is not None:
+                if end + lateness < idle_at:
+                    finals.append(_ref_bar(open_.pop(k), name, start, end))
                     ck = (p, inst, name)
                     closed_through[ck] = max(closed_through.get(ck, start), start)
+            elif pred is None or (p == pred and end + lateness < wm[p]):
+                finals.append(_ref_bar(open_.pop(k), name, start, end))
 
     for ev in events:
         if isinstance(ev, Idle):
-            close(None)
+            close(None, ev.at_ns)
             continue
         p = ev.partition
         if ev.is_trade:
@@ -436,13 +580,18 @@ def reference(events: list[Tick | Idle], config: WindowConfig) -> tuple[list[Bar
 @st.composite
 def scenarios(draw: st.DrawFn) -> tuple[list[Tick | Idle], list[int], set[int]]:
     n = draw(st.integers(1, 120))
-    events: list[Tick | Idle] = []
+    # the wall clock starts anywhere from well before the first event time to after the last one:
+    # idle closes then meet windows whose close has passed and windows still ahead of the clock
+    wall = draw(st.integers(0, 240)) * NS_PER_S
+    events: list[Tick | Idle] = [Idle(wall)]
     offsets = {0: 0, 1: 0}
     clock_ts = 0
     for _ in range(n):
         if draw(st.integers(0, 30)) == 0:
-            events.append(Idle())
+            wall += PROP_CFG.idle_timeout_ns + draw(st.integers(0, 40)) * 500 * NS_PER_MS
+            events.append(Idle(wall))
             continue
+        wall += TICK_WALL_NS
         clock_ts += draw(st.integers(0, 6)) * 250 * NS_PER_MS
         # arrival out of order: mostly within the lateness, sometimes far behind (late)
         back = draw(st.one_of(st.integers(0, 10), st.integers(0, 80))) * 250 * NS_PER_MS
@@ -458,7 +607,7 @@ def scenarios(draw: st.DrawFn) -> tuple[list[Tick | Idle], list[int], set[int]]:
             draw(st.integers(0, 10**12)), p, offsets[p],
         ))
         offsets[p] += 1
-    cuts = sorted(set(draw(st.lists(st.integers(0, n), max_size=12))))
+    cuts = sorted(set(draw(st.lists(st.integers(0, len(events)), max_size=12))))
     crashes = set(draw(st.lists(st.integers(0, len(cuts)), max_size=4)))
     return events, cuts, crashes
 
@@ -471,6 +620,8 @@ def run_engine(events: list[Tick | Idle], cuts: list[int], crashes: set[int], co
     `formats[n % len(formats)]` (an upgrade or downgrade of the changelog format with the restart).
     Returns committed finals, committed updates, late count."""
     clock = FakeClock()
+    wall = walls(events)
+    clock.now = wall[0]
     changelog: dict[int, dict[bytes, bytes | None]] = {0: {}, 1: {}}
     eng = WindowEngine(config, clock, formats[0])
     finals: list[Bar] = []
@@ -483,12 +634,11 @@ def run_engine(events: list[Tick | Idle], cuts: list[int], crashes: set[int], co
     while i < len(batches):
         out: list[Bar] = []
         batch_late = 0
-        for ev in batches[i]:
+        for j, ev in enumerate(batches[i], start=bounds[i]):
+            clock.now = wall[j]
             if isinstance(ev, Idle):
-                clock.now += config.idle_timeout_ns
                 out.extend(eng.close_idle())
                 continue
-            clock.now += 1 * NS_PER_MS * 100
             applied = eng.apply(ev)
             out.extend(applied.finals)
             if applied.late is not None:
@@ -497,6 +647,8 @@ def run_engine(events: list[Tick | Idle], cuts: list[int], crashes: set[int], co
         changes = {p: eng.changes(p) for p in (0, 1)}
         if i in crashes and i not in crashed:
             crashed.add(i)
+            # restored as the batch began: the batch is replayed from there
+            clock.now = wall[bounds[i] - 1] if bounds[i] > 0 else wall[0] - config.idle_timeout_ns
             eng = WindowEngine(config, clock, formats[len(crashed) % len(formats)])
             for p in (0, 1):
                 eng.restore_partition(p, changelog[p].items())
@@ -507,8 +659,10 @@ def run_engine(events: list[Tick | Idle], cuts: list[int], crashes: set[int], co
         updates.extend(b for b in out if not b.is_final)
         late += batch_late
         i += 1
-    clock.now += config.idle_timeout_ns
+    # the feed stops for good: once the wall clock has passed every close, every window is final
+    clock.now = max(wall[-1], max((ev.ts_ns for ev in events if isinstance(ev, Tick)), default=0)) + 2 * MIN
     finals.extend(eng.close_idle())
+    assert eng.open_windows() == 0
     return finals, updates, late
 
 

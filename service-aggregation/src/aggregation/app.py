@@ -14,6 +14,7 @@ and after an abort, and its copy is dropped once the engine has loaded it; the e
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import time
 from collections.abc import Callable
 from typing import Any
@@ -31,6 +32,34 @@ log = structlog.get_logger(__name__)
 
 #: Output header with the bar's latest trade time (feeds `dp_event_latency_seconds`).
 EVENT_TIME_HEADER = "dp-event-ns"
+
+
+def _iso_ns(ns: int) -> str:
+    """An epoch-ns time as ISO-8601 UTC with milliseconds, for logs."""
+    return dt.datetime.fromtimestamp(ns / 1e9, dt.UTC).isoformat(timespec="milliseconds")
+
+
+class IdleMetrics:
+    """Metrics of the idle timer (`docs/metrics.md`), in the service's registry."""
+
+    def __init__(self, metrics: Any) -> None:
+        """`metrics` is the service's `ServiceMetrics`."""
+        self._metrics = metrics
+        self.closed = metrics.counter(
+            "dp_idle_closed_windows_total",
+            "Windows closed by the idle timer (their close had passed on the wall clock).", ["interval"])
+        self.waiting = metrics.gauge(
+            "dp_idle_open_windows",
+            "Windows open on idle partitions, waiting for their close on the wall clock.")
+
+    def observe(self, closed: list[Bar], waiting: int) -> None:
+        """One timer run: the bars it closed and the windows idle partitions still hold."""
+        counts: dict[str, int] = {}
+        for b in closed:
+            counts[b.interval] = counts.get(b.interval, 0) + 1
+        for interval, n in counts.items():
+            self._metrics.child(self.closed, interval=interval).inc(n)
+        self._metrics.child(self.waiting).set(waiting)
 
 
 class AggregationProcessor:
@@ -62,6 +91,7 @@ class AggregationProcessor:
         self._lengths = {i.name: i.length_ns for i in config.intervals}
         # Input partitions assigned (their state restored into the engine).
         self._owned: set[int] = set()
+        self._idle = IdleMetrics(metrics) if metrics is not None else None
 
     # ---- life cycle --------------------------------------------------------------------------------
     async def on_assign(self, partitions: list[tuple[str, int]]) -> None:
@@ -144,12 +174,18 @@ class AggregationProcessor:
                 self.engine.mark_busy(partition)
 
     async def on_tick(self) -> BatchResult:
-        """Close idle partitions (wall clock) and emit due updates."""
+        """Close the ended windows of idle partitions (wall clock) and emit due updates."""
         result = BatchResult()
-        closed = self.engine.close_idle()
+        engine = self.engine
+        closed = engine.close_idle()
+        waiting, next_close = engine.idle_open_windows()
         if closed:
+            # the windows idle partitions keep open have not reached their close on the wall clock
             log.info("idle partitions closed", bars=len(closed),
-                     partitions=sorted({b.source_partition for b in closed}))
+                     partitions=sorted({b.source_partition for b in closed}), still_open=waiting,
+                     next_close=None if next_close is None else _iso_ns(next_close))
+        if self._idle is not None:
+            self._idle.observe(closed, waiting)
         self._emit(closed, result)
         self._emit(self.engine.flush_updates(), result)
         self._gauge()

@@ -20,9 +20,12 @@ class AggregationOptions(BaseModel):
     intervals: Annotated[tuple[str, ...], NoDecode] = ("1m", "5m", "1h")
     #: A window stays open until the partition's watermark passes `window_end + allowed_lateness_ms`.
     allowed_lateness_ms: int = Field(default=5_000, ge=0, le=86_400_000)
-    #: A partition that receives nothing for this long (wall clock) closes all of its windows. A
-    #: partition with records still waiting (consumer lag > 0, refreshed every 10 s by the loop) is
-    #: never idle, so keep this above that refresh interval.
+    #: A partition that receives nothing for this long (wall clock) is idle: it closes the windows
+    #: whose `window_end + allowed_lateness_ms` has passed on the wall clock, and each of the others
+    #: once the wall clock passes its close (checked every `loop.tick_interval_ms`) while it stays
+    #: idle; a window that has not ended is never closed by this. A partition with records still
+    #: waiting (consumer lag > 0, refreshed every 10 s by the loop) is never idle, so keep this above
+    #: that refresh interval.
     idle_timeout_ms: int = Field(default=30_000, ge=100, le=86_400_000)
     #: Changed open bars are emitted as updates (`is_final = false`) this often (all partitions
     #: together), hence at most this often per bar; 0 = every cycle.

@@ -12,8 +12,13 @@ decision is taken per record, so the way the input is cut into batches never cha
   trail and the metrics. It is still applied to the intervals for which it is on time.
 - After a record has advanced the watermark, every window with `window_end + allowed_lateness <
   watermark` closes and is emitted once with `is_final = True`.
-- A partition that receives nothing for `idle_timeout` (wall clock, injectable) closes all of its
-  windows.
+- A partition that receives nothing for `idle_timeout` (wall clock, injectable) is idle. An idle
+  partition closes the windows whose `window_end + allowed_lateness` has passed on the wall clock,
+  and each of the others as soon as the wall clock passes its close, for as long as it stays idle
+  (`close_idle`, called by a periodic timer). A window that has not ended is never closed by the
+  idle timer: a quiet live feed keeps its current windows open for its next trades, while a feed
+  that stops, or a replayed backlog whose event times lie in the past, gets its bars finalized.
+  Event times ahead of the wall clock (clock skew) simply wait until the wall clock reaches them.
 - Open bars that changed are emitted as updates (`is_final = False`) at most once per update
   interval of their bar interval (wall clock; `update_interval`, or its per-interval override),
   hence at most once per update interval per bar. The update clock is the engine's, not each
@@ -754,14 +759,57 @@ class WindowEngine:
             p.last_activity = self._clock()
 
     def close_idle(self) -> list[Bar]:
-        """Close every window of partitions idle for longer than `idle_timeout` (wall clock)."""
+        """Close the windows of idle partitions whose close has passed on the wall clock.
+
+        A partition is idle when it has had no record (and no `mark_busy`) for `idle_timeout`
+        (wall clock). Of its open windows, those with `window_end + allowed_lateness` before the
+        wall clock close now, in (window end, key) order, as the watermark would have closed them;
+        the others stay open, and a later call closes each once the wall clock has passed its close,
+        if the partition is still idle. So a feed that stops gets its bars finalized, a replayed
+        backlog (event times long past) at once, while a window that has not ended yet (the current
+        hour of a quiet live feed, event times ahead of the wall clock) is never finalized early.
+        A trade for a window closed here is late; one for a window still open is on time.
+        """
         now = self._clock()
+        timeout = self.config.idle_timeout_ns
+        lateness = self._lateness
         out: list[Bar] = []
         for pid in sorted(self._parts):
             p = self._parts[pid]
-            if p.windows and now - p.last_activity >= self.config.idle_timeout_ns:
-                out.extend(self.close_all(pid))
+            heap = p.heap
+            if not heap or heap[0][0] + lateness >= now or now - p.last_activity < timeout:
+                continue
+            closed_through = p.closed_through
+            while heap and heap[0][0] + lateness < now:
+                end, key = heapq.heappop(heap)
+                w = p.windows.pop(key)
+                out.append(w.bar(pid, final=True))
+                p.dirty.pop(key, None)
+                self._forget(p, key)
+                ik = (key[0], key[1])
+                prev = closed_through.get(ik)
+                if prev is None or prev[0] < key[2]:
+                    closed_through[ik] = (key[2], end)
+            p.meta_changed = True
         return out
+
+    def idle_open_windows(self) -> tuple[int, int | None]:
+        """Windows still open on idle partitions, and the earliest close (ns) among them (or None).
+
+        These windows have not reached their close on the wall clock yet: `close_idle` closes each
+        once it has, while its partition stays idle.
+        """
+        now = self._clock()
+        timeout = self.config.idle_timeout_ns
+        count = 0
+        first: int | None = None
+        for p in self._parts.values():
+            if p.heap and now - p.last_activity >= timeout:
+                count += len(p.windows)
+                close = p.heap[0][0] + self._lateness
+                if first is None or close < first:
+                    first = close
+        return count, first
 
     def close_all(self, partition: int) -> list[Bar]:
         """Close every open window of `partition` now, in (window end, key) order."""
