@@ -6,9 +6,11 @@
 Steps: PostgreSQL migrations, topics, reference data, the four services as separate processes
 (aggregation applies the ClickHouse migrations to the embedded engine it owns), a feed of real
 Binance trades and quotes followed by synthetic ticks for every active instrument (with a few
-malformed, duplicate, out-of-order and late records), a wait until the pipeline has drained and the
-windows have closed, then a report: bars read back through aggregation's read API and from Redis,
-dead letters by reason, and where to look next.
+malformed, duplicate, out-of-order and late records; their event times end now, like a live feed's),
+a wait until the pipeline has drained and every window that has ended is closed, then a report: bars
+read back through aggregation's read API and from Redis, the bars still open (windows that have not
+ended: the current 5-minute and hour windows, final once the wall clock passes their end plus the
+allowed lateness), dead letters by reason, and where to look next.
 """
 
 from __future__ import annotations
@@ -29,6 +31,10 @@ from confluent_kafka import Consumer, TopicPartition
 from dptools.pipeline import REPO, SERVICES, Pipeline, http_get
 
 DEMO_IDLE_TIMEOUT_MS = 15_000
+#: The aggregation's default `allowed_lateness_ms`.
+DEFAULT_LATENESS_MS = 5_000
+#: Slack (ms) for the idle timer's period and the write to ClickHouse once a window's close has passed.
+CLOSE_SLACK_MS = 3_000
 
 
 def step(text: str) -> None:
@@ -72,22 +78,62 @@ def dead_letter_counts(bootstrap: str, topic: str) -> Counter[tuple[str, str]]:
     return counts
 
 
-def open_bars(pipe: Pipeline) -> int | None:
-    """Bars not yet final in ClickHouse (None when the read API does not answer)."""
+def open_bars(pipe: Pipeline) -> list[dict[str, Any]] | None:
+    """The summary rows of the intervals with open bars (not final in ClickHouse yet), else None.
+
+    Each row: `interval`, `open_bars` and the earliest and latest window end of those bars
+    (`first_open_end_ms`, `last_open_end_ms`); None when the read API does not answer.
+    """
     status, body = http_get(pipe.url("aggregation", "/api/v1/summary"), timeout=30)
     if status != 200:
         return None
-    return sum(int(row["open_bars"]) for row in json.loads(body)["intervals"])
+    return [row for row in json.loads(body)["intervals"] if int(row["open_bars"])]
 
 
-def wait_all_final(pipe: Pipeline, timeout: float) -> None:
-    """Wait until the idle timer has closed the last open windows (every bar in ClickHouse final)."""
+def overdue(rows: list[dict[str, Any]], lateness_ms: int, now_ms: int) -> int:
+    """Open bars of the intervals whose earliest open window is past its close, with slack (0: none).
+
+    The close is the window end + lateness; past it by more than `CLOSE_SLACK_MS`, the idle timer
+    has still to finalize at least that window once its partition is idle.
+    """
+    return sum(int(r["open_bars"]) for r in rows
+               if int(r["first_open_end_ms"]) + lateness_ms + CLOSE_SLACK_MS < now_ms)
+
+
+def wait_ended_final(pipe: Pipeline, lateness_ms: int, timeout: float) -> list[dict[str, Any]]:
+    """Wait until every window that has ended (its end + lateness passed on the wall clock) is final.
+
+    Once the feed stops, its partitions go idle and the idle timer finalizes each window as the wall
+    clock passes its close; windows that have not ended stay open. Returns the open ones per interval.
+    """
     deadline = time.monotonic() + timeout
+    rows = open_bars(pipe)
     while time.monotonic() < deadline:
-        if open_bars(pipe) == 0:
-            return
+        rows = open_bars(pipe)
+        if rows is not None and not overdue(rows, lateness_ms, time.time_ns() // 1_000_000):
+            return rows
         time.sleep(0.5)
-    print(f"warning: {open_bars(pipe)} bars still open after {timeout:.0f}s", file=sys.stderr)
+    waiting = "?" if rows is None else overdue(rows, lateness_ms, time.time_ns() // 1_000_000)
+    print(f"warning: {waiting} bars of ended windows still open after {timeout:.0f}s", file=sys.stderr)
+    return rows or []
+
+
+def show_open(rows: list[dict[str, Any]], lateness_ms: int) -> None:
+    """Print the bars still open: windows that have not ended, and when they close."""
+    if not rows:
+        print("\nEvery bar is final.")
+        return
+
+    def clock(ms: int) -> str:
+        return time.strftime("%H:%M:%S", time.gmtime((ms + lateness_ms) / 1000))
+
+    print("\nBars still open: their windows have not ended yet (the feed's event times reach up to now).")
+    print(f"Each becomes final when its window end + {lateness_ms / 1000:g} s allowed lateness has passed,")
+    print("by the watermark of newer ticks or, with no more ticks, by the idle timer on the wall clock:")
+    for r in rows:
+        first, last = int(r["first_open_end_ms"]), int(r["last_open_end_ms"])
+        when = clock(first) if first == last else f"{clock(first)} to {clock(last)}"
+        print(f"  {r['interval']:<4}{int(r['open_bars']):>6} open, final at {when} UTC")
 
 
 def show_bars(pipe: Pipeline, redis_url: str) -> None:
@@ -171,13 +217,16 @@ def main(argv: list[str] | None = None) -> int:
              "--seed", str(args.seed), "--malformed", "0.005", "--duplicates", "0.005",
              "--out-of-order", "0.01", "--late", "0.002", "--unknown", "0.002")
 
-    step("waiting until the pipeline has drained and idle windows have closed")
+    step("waiting until the pipeline has drained and the windows that have ended are closed")
     pipe.wait_drained(timeout=600)
-    wait_all_final(pipe, timeout=DEMO_IDLE_TIMEOUT_MS / 1000 + 120)
+    lateness_ms = int(env.get("DATA_PROC_AGGREGATION__ALLOWED_LATENESS_MS", DEFAULT_LATENESS_MS))
+    idle_ms = int(env["DATA_PROC_AGGREGATION__IDLE_TIMEOUT_MS"])
+    still_open = wait_ended_final(pipe, lateness_ms, timeout=(idle_ms + lateness_ms) / 1000 + 120)
     print(f"drained in {time.monotonic() - started:.1f}s")
 
     step("result")
     show_bars(pipe, env["DATA_PROC_REDIS_URL"])
+    show_open(still_open, lateness_ms)
     counts = dead_letter_counts(bootstrap, env.get("DATA_PROC_TOPICS__DEADLETTER", "deadletter.market.v1"))
     print("\nDead letters by service and reason (all runs so far):")
     for (service, reason), n in sorted(counts.items()):

@@ -9,7 +9,9 @@ and tests read it. Every bar query reads `FINAL` (one row per bar, its highest v
   ISO-8601 time (UTC without an offset) or epoch milliseconds. `final=true` (default) returns only
   closed bars, `final=false` also the open ones (their latest update).
 - `/api/v1/bars/latest?instrument=ID&interval=1m[&final=true|false]`: the newest bar (404 if none).
-- `/api/v1/summary`: per interval, the number of instruments, final bars and open bars.
+- `/api/v1/summary`: per interval, the number of instruments, final bars and open bars, and the
+  earliest and latest window end of the open bars (`first_open_end_ms`, `last_open_end_ms`; null
+  when none is open).
 - `/api/v1/audit?[service=S][&event_type=E][&instrument=I][&from=T][&to=T][&limit=N]`: audit events,
   newest first.
 """
@@ -203,12 +205,17 @@ class ReadApi:
         return _json(_bar_json(rows[0]))
 
     async def summary(self, _request: web.Request) -> web.Response:
-        """Instruments and bar counts per interval."""
+        """Instruments and bar counts per interval, and the window ends of the open bars."""
         rows = await self._query(
             "SELECT interval, uniqExact(instrument_id) AS instruments, countIf(is_final = 1) AS final_bars, "
             "countIf(is_final = 0) AS open_bars, "
-            "toUnixTimestamp64Milli(max(window_start)) AS latest_window_ms "
+            "toUnixTimestamp64Milli(max(window_start)) AS latest_window_ms, "
+            "toUnixTimestamp64Milli(minIf(window_end, is_final = 0)) AS first_open_end_ms, "
+            "toUnixTimestamp64Milli(maxIf(window_end, is_final = 0)) AS last_open_end_ms "
             "FROM market_data.bars FINAL GROUP BY interval ORDER BY interval", {})
+        for row in rows:
+            if not int(row["open_bars"]):  # minIf/maxIf of no rows give the epoch
+                row["first_open_end_ms"] = row["last_open_end_ms"] = None
         total = await self._query("SELECT uniqExact(instrument_id) AS n FROM market_data.bars", {})
         return _json({"instruments": int(total[0]["n"]) if total else 0, "intervals": rows})
 
