@@ -87,7 +87,13 @@ def arrivals_from_raw(ticks: Iterable[RawTick], known: Collection[tuple[str, str
 
 def compute(arrivals: Sequence[Arrival], intervals: Iterable[str] = ("1m", "5m", "1h"),
             allowed_lateness_ns: int = 5 * 10**9, quotes_advance_watermark: bool = True) -> RefResult:
-    """Final bars of `arrivals` when every window eventually closes (end of stream, idle close)."""
+    """Final bars of `arrivals` when every window eventually closes (end of stream, idle close).
+
+    Only the watermark makes trades late here. The aggregation's idle timer also closes windows: each
+    once the wall clock has passed its `window_end + allowed_lateness` and its partition has had no
+    input for the idle timeout. With event times in an hour that has ended, every window closes that
+    way once the feed stops, so the result holds if no partition goes idle in the middle of the stream.
+    """
     intervals = list(intervals)
     watermark: dict[int, int] = defaultdict(lambda: -(2**63))
     windows: dict[tuple[str, str, int], list[tuple[int, int, int, float, float]]] = defaultdict(list)
