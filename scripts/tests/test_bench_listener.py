@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from dptools.bench import FinalBarSeen, bars_emitted, final_bar_delays, final_bar_seen, service_env
+from dptools.bench import Apart, FinalBarSeen, bars_emitted, final_bar_delays, final_bar_seen, service_env
 
 S = 10**9
 MS = 10**6
@@ -33,12 +33,13 @@ def test_delays_keep_watermark_closes_of_the_phase_only() -> None:
         FinalBarSeen("5m", 125 * S, 126 * S),              # 1000 ms
         FinalBarSeen("1m", 90 * S, 120 * S),               # closed before the phase: skipped
         FinalBarSeen("1m", 205 * S, 215 * S),              # close after the last tick: idle timer
-        FinalBarSeen("1h", 3000 * S, 215 * S),             # idle timer before its close
+        FinalBarSeen("1h", 3000 * S, 215 * S),             # final before its close: an early close
         FinalBarSeen("1m", 150 * S, 149 * S),              # seen before its close: idle timer
     ]
     delays, apart = final_bar_delays(seen, since, feed_end)
     assert delays == {"1m": [300.0], "5m": [1000.0]}
-    assert apart == {"after_feed": 2, "before_close": 1}
+    # after the feed: the idle timer at the window's close (and the partition idle), from the close
+    assert apart == Apart(after_feed_ms=[10_000.0], before_close=2)
 
 
 def test_bars_emitted_per_second_by_interval_and_kind() -> None:

@@ -17,7 +17,11 @@
    announcement per final bar) gives the delay from its window's close (window end + allowed
    lateness) to its final bar in Redis (ClickHouse is written before the bars topic commits, hence
    before Redis). Windows whose close lies after the phase's last tick can only close by the idle
-   timer and are counted apart (`final_bars_closed_after_feed`).
+   timer, which finalizes each once the wall clock has passed its close and its partition has been
+   idle for the idle timeout: they are counted apart (`final_bars_closed_after_feed`, with their own
+   close -> final bar delays), and windows still open when the phase ends (the current 5-minute and
+   hour windows) are reported from the aggregation's metrics (`open_windows_at_end`); the next phase's
+   watermark closes them.
 5. CPU microseconds per tick and peak RSS of every process.
 
 Writes `bench-results/bench-<time>.json` and `.png`. Needs `make up`; applies the PostgreSQL
@@ -272,25 +276,36 @@ def final_bar_seen(data: dict[str, Any], now_ns: int, lateness_ns: int) -> Final
     return FinalBarSeen(interval, end + lateness_ns, now_ns)
 
 
+@dataclass(slots=True)
+class Apart:
+    """Final bars not closed by the watermark during the feed (see `final_bar_delays`)."""
+
+    #: close -> final bar delays (ms) of the windows whose close lies after the feed's last tick
+    after_feed_ms: list[float]
+    #: final bars seen before their window's close (none is expected: a sign of an early close)
+    before_close: int = 0
+
+
 def final_bar_delays(seen: list[FinalBarSeen], since_ns: int, feed_end_ns: int
-                     ) -> tuple[dict[str, list[float]], dict[str, int]]:
+                     ) -> tuple[dict[str, list[float]], Apart]:
     """Window close -> final bar delays (ms) per interval of the bars the watermark closed during the feed.
 
     `since_ns`: windows whose close is before it closed before the phase began and are skipped.
     `feed_end_ns`: event time of the phase's last tick. A window whose close is after it cannot be
-    closed by the watermark (no later event time arrives): the idle timer closes it, at a wall-clock
-    time unrelated to its close. Those are counted apart (`after_feed`), as are windows closed before
-    their close time (`before_close`: the idle timer again).
+    closed by the watermark (no later event time arrives): the idle timer closes it once the wall
+    clock has passed its close and the partition has been idle for the idle timeout, so its delay
+    includes the wait for the partition to go idle. Those are kept apart (`Apart.after_feed_ms`),
+    as are windows closed before their close time (`Apart.before_close`).
     """
     delays: dict[str, list[float]] = {}
-    apart = {"after_feed": 0, "before_close": 0}
+    apart = Apart([])
     for bar in seen:
         if bar.close_ns < since_ns:
             continue
-        if bar.close_ns > feed_end_ns:
-            apart["after_feed"] += 1
-        elif bar.seen_ns < bar.close_ns:
-            apart["before_close"] += 1
+        if bar.seen_ns < bar.close_ns:
+            apart.before_close += 1
+        elif bar.close_ns > feed_end_ns:
+            apart.after_feed_ms.append((bar.seen_ns - bar.close_ns) / 1e6)
         else:
             delays.setdefault(bar.interval, []).append((bar.seen_ns - bar.close_ns) / 1e6)
     return delays, apart
@@ -622,8 +637,11 @@ def main(argv: list[str] | None = None) -> int:
                      "window_close_to_final_bar_ms": percentiles(delays),
                      "window_close_to_final_bar_ms_by_interval": {
                          k: percentiles(v) for k, v in sorted(by_interval.items())},
-                     "final_bars_closed_after_feed": apart["after_feed"],
-                     "final_bars_closed_before_close": apart["before_close"],
+                     "final_bars_closed_after_feed": len(apart.after_feed_ms),
+                     "window_close_to_final_bar_ms_after_feed": percentiles(apart.after_feed_ms),
+                     "final_bars_closed_before_close": apart.before_close,
+                     # windows whose close had not come yet: the next phase's watermark closes them
+                     "open_windows_at_end": metric(scrape(url("aggregation")), "dp_open_windows"),
                      "listener_errors": listener.errors - errors,
                      "feed_seconds": feed_s,
                      # committed lag of the aggregation when the last tick was sent, and how long the
@@ -644,6 +662,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  aggregation lag at feed end {lag_at_feed_end}, catch-up {catch_up_s:.1f} s, "
                   f"load {load_start:.1f} -> {load_feed_end:.1f}", flush=True)
             print(f"  bars emitted/s {entry['bars_emitted_per_s']}", flush=True)
+            print(f"  after the feed: {entry['final_bars_closed_after_feed']} final bars (close->final bar "
+                  f"{entry['window_close_to_final_bar_ms_after_feed']}), "
+                  f"{entry['open_windows_at_end']:.0f} windows still open", flush=True)
             for name, f in entry["services"].items():
                 print(f"  {name}: {f['cpu_us_per_tick']:.1f} CPU µs/tick, "
                       f"{f['cpu_us_per_cycle']:.0f} µs/cycle, {f['cycles_per_s']:.1f} cycles/s, "
