@@ -301,6 +301,7 @@ def test_known_ticks_make_exact_bars_on_the_topic_and_in_clickhouse(
     assert summary["instruments"] == 3
     by_interval = {r["interval"]: r for r in summary["intervals"]}
     assert by_interval["1m"]["final_bars"] == sum(1 for k in expected if k[1] == "1m")
+    assert (by_interval["1m"]["open_bars"], by_interval["1m"]["first_open_end_ms"]) == (0, None)
     for bad in ("/api/v1/bars?interval=1m", "/api/v1/bars?instrument=X&interval=7q",
                 "/api/v1/bars?instrument=X&interval=1m&from=yesterday",
                 "/api/v1/bars?instrument=X&interval=1m&limit=0",
@@ -707,3 +708,68 @@ def test_final_bar_commits_with_the_record_that_moves_the_watermark_past_the_clo
     # partition 1's watermark did not move: its minute stays open; the 5-minute windows too
     assert service.proc is not None
     assert service.proc.poll() is None
+
+
+def test_an_idle_live_partition_closes_its_ended_windows_and_keeps_the_current_hour_open(
+    setup: tuple[Service, Feed, dict[str, str]], consume_all: Callable[..., list[InRecord]],
+) -> None:
+    """The idle timer finalizes a window only once the wall clock has passed its close (window end +
+    lateness): a replayed backlog at once, a live feed's short window at its close, never the hour
+    that is still running; a later trade of that hour is on time, also after a kill -9 and restart."""
+    service, feed, topics = setup
+    lateness = 2 * NS
+    service.env.update({"DATA_PROC_AGGREGATION__INTERVALS": "10s,1h",
+                        "DATA_PROC_AGGREGATION__IDLE_TIMEOUT_MS": "1500"})
+    if (time.time_ns() // (3600 * NS) + 1) * 3600 * NS - time.time_ns() < 90 * NS:
+        time.sleep(95)  # the current hour ends before the test would: take the next one
+    service.start()
+    # partition 1: a backlog three hours old; partition 0: a live trade, event time = now
+    feed.send("XNYM", "NGZ6", 1, BASE + 7 * NS, price=3.0, size=5.0)
+    live_ts = time.time_ns()
+    feed.send("XNYM", "CLZ6", 0, live_ts, price=70.0, size=1.0)
+    feed.flush()
+    ten_s = live_ts // (10 * NS) * (10 * NS)
+    hour = live_ts // (3600 * NS) * (3600 * NS)
+    bars = wait_for_finals(consume_all, topics["bars"], 3, service, timeout=120)
+    records = consume_all([topics["bars"]], read_committed=True, timeout=60)
+    finals = {(b["instrument_id"], b["interval"], b["window_start_ms"]): r.timestamp_ms
+              for r in records if (b := avro.decode(r.value or b"", "bar"))["is_final"]}
+    assert set(finals) == {("NGZ6.XNYM", "10s", (BASE + 7 * NS) // (10 * NS) * 10_000),
+                           ("NGZ6.XNYM", "1h", BASE // (3600 * NS) * 3_600_000),
+                           ("CLZ6.XNYM", "10s", ten_s // 1_000_000)}, bars
+    # the live 10 s window's final bar was produced only after its close on the wall clock
+    assert finals[("CLZ6.XNYM", "10s", ten_s // 1_000_000)] >= (ten_s + 10 * NS + lateness) // 1_000_000
+    time.sleep(2)  # some more timer runs: the hour stays open
+    assert count_finals(consume_all, topics["bars"]) == 3
+    hour_end_ms = (hour + 3600 * NS) // 1_000_000
+
+    def hour_open_in_clickhouse() -> bool:
+        status, summary = service.get("/api/v1/summary")
+        row = {r["interval"]: r for r in summary["intervals"]}.get("1h") if status == 200 else None
+        return row is not None and (row["open_bars"], row["first_open_end_ms"], row["last_open_end_ms"]) == (
+            1, hour_end_ms, hour_end_ms)
+
+    wait_until(hour_open_in_clickhouse, 60, lambda: f"summary: {service.get('/api/v1/summary')}")
+
+    # a restart from the changelog: the closed window stays closed, the hour open
+    service.kill9()
+    service.start()
+    # for the idle-closed 10 s window (the watermark has not passed it): late for 10s, on time for 1h
+    late = feed.send("XNYM", "CLZ6", 0, ten_s + 5 * NS, price=72.0, size=1.0)
+    feed.send("XNYM", "CLZ6", 0, time.time_ns(), price=71.0, size=2.0)  # a later window of the hour
+    feed.flush()
+
+    def hour_updated() -> bool:
+        return any(b["interval"] == "1h" and b["instrument_id"] == "CLZ6.XNYM" and b["trade_count"] == 3
+                   for b in bars_on_topic(consume_all, topics["bars"]))
+
+    wait_until(hour_updated, 120, lambda: "no hour update with all three trades: "
+               + service.log_path.read_text()[-3000:])
+    dead = [decode_dead_letter(r.value or b"") for r in consume_all([topics["deadletter"]], timeout=30)]
+    assert [(d["reason"], d["source_offset"]) for d in dead] == [("late_trade", late)]
+    assert "10s" in dead[0]["detail"]
+    assert "1h" not in dead[0]["detail"]
+    bars = bars_on_topic(consume_all, topics["bars"])
+    finals_now = [(b["instrument_id"], b["interval"], b["window_start_ms"]) for b in bars if b["is_final"]]
+    assert len(finals_now) == len(set(finals_now)), "a final bar appeared twice"
+    assert ("CLZ6.XNYM", "1h", hour // 1_000_000) not in finals_now
