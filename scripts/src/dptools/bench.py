@@ -51,7 +51,8 @@ from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 from dataproc_shared.config import TopicOptions
 
-from dptools.pipeline import REPO, SERVICES, Pipeline, http_get
+from dptools.benchkit import delete_topics
+from dptools.pipeline import REPO, SERVICES, Pipeline, http_get, stop_on_sigterm
 from dptools.produce import load_instruments_from_postgres
 from dptools.ticks import GeneratorConfig, generate
 
@@ -243,7 +244,7 @@ def run_relay_chain(bootstrap: str, raw: str, n: int, run_id: str, base_env: dic
                 proc.wait(60)
             except subprocess.TimeoutExpired:
                 proc.kill()
-        admin.delete_topics(hops[1:], operation_timeout=30)
+        delete_topics(admin, hops[1:])
     return result
 
 
@@ -487,6 +488,7 @@ def committed_lag(bootstrap: str, group: str, topic: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark."""
+    stop_on_sigterm()
     parser = argparse.ArgumentParser(prog="python -m dptools.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ticks", type=int, default=1_000_000)
@@ -676,7 +678,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.keep_topics:
             print(f"topics kept: bench-{run_id}-*", flush=True)
         else:
-            admin.delete_topics([*names.values(), audit], operation_timeout=30)
+            delete_topics(admin, [*names.values(), audit])
     args.out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     path = args.out / f"bench-{stamp}.json"

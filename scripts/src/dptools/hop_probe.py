@@ -43,7 +43,8 @@ from dptools.bench import (
     start_process,
     wait_ready,
 )
-from dptools.pipeline import REPO
+from dptools.benchkit import delete_topics
+from dptools.pipeline import REPO, stop_on_sigterm
 
 STEPS = ("consume", "process", "produce", "before_commit", "send_offsets", "commit")
 
@@ -213,11 +214,12 @@ def probe(bootstrap: str, rate: float, seconds: float, partitions: int, extra_en
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(10)
-        admin.delete_topics([source, target], operation_timeout=30)
+        delete_topics(admin, [source, target])
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the probe and print its figures."""
+    stop_on_sigterm()
     parser = argparse.ArgumentParser(prog="python -m dptools.hop_probe", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rate", type=float, default=200.0, help="records per second")

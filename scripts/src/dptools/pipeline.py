@@ -37,6 +37,19 @@ _LAG = re.compile(r'^dp_consumer_lag\{[^}]*\}\s+([0-9.e+-]+)$', re.M)
 _IN = re.compile(r'^dp_messages_in_total\{[^}]*\}\s+([0-9.e+-]+)$', re.M)
 
 
+def stop_on_sigterm() -> None:
+    """Make SIGTERM end the program as Ctrl-C does: by an exception, so `finally` blocks run.
+
+    A tool that starts processes and topics stops them in `finally`; Python's default for SIGTERM
+    ends the interpreter at once and leaves the services of a benchmark running (exit status 143,
+    as for a process killed by the signal).
+    """
+    def _raise(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, _raise)
+
+
 def http_get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
     """Status and body of a GET (status 0 when nothing answers)."""
     try:
