@@ -1,10 +1,11 @@
 """The aggregation `Processor`: windowing core + changelog state + ClickHouse sink, inside the Kafka loop.
 
 Per transaction (the loop's order): `process` applies each record to the windowing core (final bars
-and late trades are decided per record), then emits paced updates; `on_tick` closes idle
-partitions and emits paced updates; `before_commit` inserts the transaction's bars and late trades
-into ClickHouse and returns the state changes as changelog records, so outputs, state and input
-offsets commit together. `on_abort` reloads the state from the changelog and drops unflushed rows.
+and late trades are decided per record), then emits paced updates; `on_tick` closes the windows of
+idle partitions whose close has passed on the wall clock and emits paced updates; `before_commit`
+inserts the transaction's bars and late trades into ClickHouse and returns the state changes as
+changelog records, so outputs, state and input offsets commit together. `on_abort` reloads the state
+from the changelog and drops unflushed rows.
 
 The window state lives in the engine only: the `ChangelogStore` reads the changelog on assignment
 and after an abort, and its copy is dropped once the engine has loaded it; the engine's coalesced
