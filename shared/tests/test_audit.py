@@ -1,12 +1,13 @@
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from collections.abc import Sequence
 from datetime import UTC, datetime
 
 import orjson
 import pytest
-from dataproc_shared.audit import AUDIT_COLUMNS, AuditEmitter, AuditRow, json_to_row
+from dataproc_shared.audit import AUDIT_COLUMNS, AuditEmitter, AuditRow, audit_json, json_to_row
 from dataproc_shared.metrics import ServiceMetrics
 from dataproc_shared.records import AuditEvent
 
@@ -115,6 +116,15 @@ def test_kafka_records_are_the_rows_json_with_fresh_version_4_ids() -> None:
         assert (parsed.version, str(parsed)) == (4, doc["event_id"])
     assert len({d["event_id"] for d in docs}) == len(docs)
     assert em.kafka_records([]) == []
+
+
+def test_the_audit_json_has_the_columns_in_order_and_every_event_field() -> None:
+    event = AuditEvent(event_type="t")
+    doc = audit_json(event, "id", "2026-11-23T12:00:00.000000Z", "svc", "local")
+    assert tuple(doc) == AUDIT_COLUMNS
+    assert {f.name for f in dataclasses.fields(AuditEvent)} <= set(doc)
+    row = AuditRow("id", NOW, "svc", "local", event)
+    assert row.as_json() == doc
 
 
 def test_row_without_event_id_takes_the_default() -> None:

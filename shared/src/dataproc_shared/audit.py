@@ -74,24 +74,34 @@ class AuditRow:
 
     def as_json(self) -> dict[str, Any]:
         """The event as the Kafka topic's JSON object (keys = `AUDIT_COLUMNS`)."""
-        e = self.event
-        return {
-            "event_id": self.event_id,
-            "event_time": format_timestamp(self.event_time),
-            "service": self.service,
-            "event_type": e.event_type,
-            "environment": self.environment,
-            "correlation_id": e.correlation_id,
-            "instrument": e.instrument,
-            "source_topic": e.source_topic,
-            "source_partition": e.source_partition,
-            "offset_from": e.offset_from,
-            "offset_to": e.offset_to,
-            "outcome": e.outcome,
-            "reason": e.reason,
-            "details": e.details,
-        }
+        return audit_json(self.event, self.event_id, format_timestamp(self.event_time), self.service,
+                          self.environment)
 
+
+def audit_json(event: AuditEvent, event_id: str, event_time: str, service: str,
+               environment: str) -> dict[str, Any]:
+    """The audit topic's JSON object of `event` (keys = `AUDIT_COLUMNS`, in order).
+
+    `event_time` is already formatted (`format_timestamp`), so that a caller writing many events
+    with one time formats it once. The one place that lays the event out: `AuditRow.as_json` (the
+    sinks) and `AuditEmitter.kafka_records` (the loop's transaction) both use it.
+    """
+    return {
+        "event_id": event_id,
+        "event_time": event_time,
+        "service": service,
+        "event_type": event.event_type,
+        "environment": environment,
+        "correlation_id": event.correlation_id,
+        "instrument": event.instrument,
+        "source_topic": event.source_topic,
+        "source_partition": event.source_partition,
+        "offset_from": event.offset_from,
+        "offset_to": event.offset_to,
+        "outcome": event.outcome,
+        "reason": event.reason,
+        "details": event.details,
+    }
 
 def json_to_row(doc: Mapping[str, Any], default_event_id: str = "") -> tuple[Any, ...]:
     """A Kafka audit JSON object as an `audit_events` row (columns `AUDIT_COLUMNS`).
@@ -290,8 +300,9 @@ class AuditEmitter:
     def kafka_records(self, events: Sequence[AuditEvent]) -> list[OutRecord]:
         """`events` as audit-topic messages, for the loop to put in its transaction.
 
-        The same JSON as `AuditRow.as_json`; the events of one call share one event time (the
-        clock is read and formatted once: a cycle's events are written in one transaction).
+        The same JSON as `AuditRow.as_json` (both from `audit_json`); the events of one call share
+        one event time (the clock is read and formatted once: a cycle's events are written in one
+        transaction).
         """
         topic = self.kafka_topic
         if topic is None or not events:
@@ -301,22 +312,8 @@ class AuditEmitter:
         service, environment = self.service, self.environment
         ids = _uuid4_strings(len(events))
         dumps = orjson.dumps
-        return [OutRecord(topic, key, dumps({
-            "event_id": event_id,
-            "event_time": event_time,
-            "service": service,
-            "event_type": e.event_type,
-            "environment": environment,
-            "correlation_id": e.correlation_id,
-            "instrument": e.instrument,
-            "source_topic": e.source_topic,
-            "source_partition": e.source_partition,
-            "offset_from": e.offset_from,
-            "offset_to": e.offset_to,
-            "outcome": e.outcome,
-            "reason": e.reason,
-            "details": e.details,
-        })) for event_id, e in zip(ids, events, strict=True)]
+        return [OutRecord(topic, key, dumps(audit_json(e, event_id, event_time, service, environment)))
+                for event_id, e in zip(ids, events, strict=True)]
 
     def count_written(self, sink: str, count: int) -> None:
         """Record `count` events written to `sink` outside the emitter (the loop's transaction)."""
