@@ -99,6 +99,7 @@ import json
 import queue
 import threading
 import time
+import warnings
 from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -1697,15 +1698,22 @@ class _Metrics:
 def _close_producer(producer: Producer) -> None:
     """Drop what a failed producer still holds and close it (before a new one takes its id).
 
-    A producer in a fatal state may raise from any of these calls; closing goes on regardless.
-    `close` of a producer whose transaction cannot be aborted issues a RuntimeWarning; where
-    warnings are errors (the test suite) the client turns it into a SystemError, caught here too.
+    A producer in a fatal state may raise from any of these calls; closing goes on regardless. The
+    client's warnings meanwhile (`close` warns when the open transaction cannot be aborted) are
+    logged, never raised, whatever the process's warning filters say (where warnings are errors,
+    the client would fail the call with a SystemError). The warning filters are process-wide:
+    another thread's warning issued during these calls is logged here too.
     """
     for step in (producer.purge, lambda: producer.flush(0), producer.close):
-        try:
-            step()
-        except (KafkaException, RuntimeError, SystemError) as exc:
-            log.info("closing a failed producer", error=str(exc), cause=repr(exc.__cause__))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                step()
+            except (KafkaException, RuntimeError) as exc:
+                log.info("closing a failed producer", error=str(exc), cause=repr(exc.__cause__))
+        for warning in caught:
+            log.warning("closing a failed producer: client warning", category=warning.category.__name__,
+                        warning=str(warning.message))
 
 
 def _seconds_since(now_ns: int, raws: list[bytes]) -> list[float]:
