@@ -20,35 +20,22 @@ from dptools.depaudit import (
     to_json,
 )
 
-LOCK = """
-version = 1
 
-[[package]]
-name = "dataproc-shared"
-version = "0.1.0"
-source = { editable = "shared" }
+def _package(name: str, version: str, source: str, *extra: str) -> str:
+    """One `[[package]]` entry of a uv.lock; `source` is the inside of its source table."""
+    return "\n".join(["[[package]]", f'name = "{name}"', f'version = "{version}"', f"source = {{ {source} }}",
+                      *extra, ""])
 
-[[package]]
-name = "numpy"
-version = "2.4.6"
-source = { registry = "https://pypi.org/simple" }
-resolution-markers = ["python_full_version < '3.12'"]
 
-[[package]]
-name = "numpy"
-version = "2.5.5"
-source = { registry = "https://pypi.org/simple" }
-
-[[package]]
-name = "local-thing"
-version = "1.0"
-source = { directory = "vendor/local-thing" }
-
-[[package]]
-name = "certifi"
-version = "2026.10.18"
-source = { registry = "https://pypi.org/simple" }
-"""
+PYPI = 'registry = "https://pypi.org/simple"'
+LOCK = "\n".join([
+    "version = 1\n",
+    _package("dataproc-shared", "0.1.0", 'editable = "shared"'),
+    _package("numpy", "2.4.6", PYPI, """resolution-markers = ["python_full_version < '3.12'"]"""),
+    _package("numpy", "2.5.5", PYPI),
+    _package("local-thing", "1.0", 'directory = "vendor/local-thing"'),
+    _package("certifi", "2026.10.18", PYPI),
+])
 
 
 def _vuln(vid: str, fixed_in: list[str] | None = None, withdrawn: str | None = None) -> dict[str, Any]:

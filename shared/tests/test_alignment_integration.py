@@ -86,22 +86,33 @@ class SlowMerging(MergingProcessor):
         return await super().process(batch)
 
 
-def _produce_backlog(bootstrap: str, topic: str) -> None:
+def _produce_backlog(bootstrap: str, topic: str, per_partition: int = PER_PARTITION) -> None:
     producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20})
-    for i in range(PER_PARTITION):
+    for i in range(per_partition):
         for partition, step in STEP_NS.items():
             producer.produce(topic, b"%d" % (BASE_NS + i * step), b"K%d" % partition, partition=partition)
     assert producer.flush(30) == 0
 
 
 @pytest.fixture
-def backlog(topic_factory: Callable[..., str], kafka_bootstrap: str,
-            monkeypatch: pytest.MonkeyPatch) -> tuple[str, str]:
-    """(source, sink): the skewed backlog on three partitions, an empty one-partition output; audit off."""
+def backlog_of(topic_factory: Callable[..., str], kafka_bootstrap: str,
+               monkeypatch: pytest.MonkeyPatch) -> Callable[[int], tuple[str, str]]:
+    """(source, sink) for `per_partition`: the skewed backlog on three partitions, an empty
+    one-partition output; audit off."""
     monkeypatch.setenv("DATA_PROC_AUDIT_ENABLED", "false")
-    source, sink = topic_factory("align-in", 3), topic_factory("align-out", 1)
-    _produce_backlog(kafka_bootstrap, source)
-    return source, sink
+
+    def make(per_partition: int) -> tuple[str, str]:
+        source, sink = topic_factory("align-in", 3), topic_factory("align-out", 1)
+        _produce_backlog(kafka_bootstrap, source, per_partition)
+        return source, sink
+
+    return make
+
+
+@pytest.fixture
+def backlog(backlog_of: Callable[[int], tuple[str, str]]) -> tuple[str, str]:
+    """(source, sink) of the skewed backlog of `PER_PARTITION` records per partition (`backlog_of`)."""
+    return backlog_of(PER_PARTITION)
 
 
 def _settings(bootstrap: str, align_ms: int, group: str | None = None, **loop: int) -> Settings:
@@ -113,13 +124,14 @@ def _settings(bootstrap: str, align_ms: int, group: str | None = None, **loop: i
 
 
 async def _drain(settings: Settings, processor: MergingProcessor, source: str,
-                 consume_all: Callable[..., list[InRecord]], sink: str,
-                 loop: KafkaLoop | None = None) -> tuple[list[InRecord], KafkaLoop]:
+                 consume_all: Callable[..., list[InRecord]], sink: str, loop: KafkaLoop | None = None,
+                 per_partition: int = PER_PARTITION) -> tuple[list[InRecord], KafkaLoop]:
+    """Run `loop` (default: a new one with `processor`) until the sink has every record, then stop it."""
     loop = loop or KafkaLoop(settings, processor, input_topics=[source], metrics=ServiceMetrics("aligntest"))
     stop = asyncio.Event()
     task = asyncio.create_task(loop.run(stop))
     try:
-        outputs = await asyncio.to_thread(consume_all, [sink], expected=3 * PER_PARTITION, timeout=120)
+        outputs = await asyncio.to_thread(consume_all, [sink], expected=3 * per_partition, timeout=120)
     finally:
         stop.set()
         await asyncio.wait_for(task, 60)
@@ -144,10 +156,10 @@ def _lateness(outputs: list[InRecord]) -> tuple[int, str]:
     return worst, where
 
 
-def _assert_exactly_once(outputs: list[InRecord]) -> None:
+def _assert_exactly_once(outputs: list[InRecord], per_partition: int = PER_PARTITION) -> None:
     seen = [tuple(int(x) for x in (rec.value or b"").split(b":")[:2]) for rec in outputs]
-    assert len(seen) == len(set(seen)) == 3 * PER_PARTITION
-    assert set(seen) == {(p, o) for p in STEP_NS for o in range(PER_PARTITION)}
+    assert len(seen) == len(set(seen)) == 3 * per_partition
+    assert set(seen) == {(p, o) for p in STEP_NS for o in range(per_partition)}
 
 
 async def test_without_alignment_the_fast_partition_overtakes_the_others(
@@ -239,16 +251,13 @@ class FailWhileHolding(MergingProcessor):
 
 
 async def test_held_records_are_read_again_after_a_rollback_exactly_once(
-    topic_factory: Callable[..., str], kafka_bootstrap: str, consume_all: Callable[..., list[InRecord]],
-    monkeypatch: pytest.MonkeyPatch,
+    backlog: tuple[str, str], kafka_bootstrap: str, consume_all: Callable[..., list[InRecord]],
 ) -> None:
     """A cycle rolled back while records are held: they are dropped, re-read from the committed offsets.
 
     A small bound (40 records) also makes the loop pause partitions in the client and resume them.
     """
-    monkeypatch.setenv("DATA_PROC_AUDIT_ENABLED", "false")
-    source, sink = topic_factory("align-in", 3), topic_factory("align-out", 1)
-    _produce_backlog(kafka_bootstrap, source)
+    source, sink = backlog
     settings = _settings(kafka_bootstrap, BOUND_MS, align_hold_records=40)
     processor = FailWhileHolding(sink, after=10)
     loop = KafkaLoop(settings, processor, input_topics=[source], metrics=ServiceMetrics("aligntest"))
@@ -264,13 +273,10 @@ async def test_held_records_are_read_again_after_a_rollback_exactly_once(
 
 
 async def test_held_partitions_are_not_paused_in_the_client_below_the_bound(
-    topic_factory: Callable[..., str], kafka_bootstrap: str, consume_all: Callable[..., list[InRecord]],
-    monkeypatch: pytest.MonkeyPatch,
+    backlog: tuple[str, str], kafka_bootstrap: str, consume_all: Callable[..., list[InRecord]],
 ) -> None:
     """With the default bound (10,000 records) this backlog is aligned without a single client pause."""
-    monkeypatch.setenv("DATA_PROC_AUDIT_ENABLED", "false")
-    source, sink = topic_factory("align-in", 3), topic_factory("align-out", 1)
-    _produce_backlog(kafka_bootstrap, source)
+    source, sink = backlog
     processor = MergingProcessor(sink)
     outputs, loop = await _drain(_settings(kafka_bootstrap, BOUND_MS), processor, source, consume_all, sink)
     _assert_exactly_once(outputs)
@@ -284,20 +290,15 @@ async def test_held_partitions_are_not_paused_in_the_client_below_the_bound(
 
 
 async def test_held_records_are_read_again_after_a_rebalance_exactly_once(
-    topic_factory: Callable[..., str], kafka_bootstrap: str, consume_all: Callable[..., list[InRecord]],
+    backlog: tuple[str, str], kafka_bootstrap: str, consume_all: Callable[..., list[InRecord]],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A second instance joins and leaves while the first holds records: nothing lost, nothing twice."""
-    monkeypatch.setenv("DATA_PROC_AUDIT_ENABLED", "false")
-    source, sink = topic_factory("align-in", 3), topic_factory("align-out", 1)
-    _produce_backlog(kafka_bootstrap, source)
+    source, sink = backlog
     group = f"align-{uuid.uuid4().hex}"
 
     def settings() -> Settings:
-        return load_settings(service="aligntest", instance_id=uuid.uuid4().hex[:8],
-                             kafka_bootstrap=kafka_bootstrap, kafka={"group_id": group},
-                             loop={"batch_size": 20, "batch_timeout_ms": 50, "align_max_ahead_ms": BOUND_MS,
-                                   "align_max_pause_ms": 10_000, "session_timeout_ms": 6_000})
+        return _settings(kafka_bootstrap, BOUND_MS, group, session_timeout_ms=6_000)
 
     metrics = ServiceMetrics("aligntest")
     first = KafkaLoop(settings(), SlowMerging(sink), input_topics=[source], metrics=metrics)
@@ -354,8 +355,8 @@ class SlowCycles(MergingProcessor):
 
 
 async def test_a_backlog_under_slow_cycles_stays_aligned_batch_by_batch(
-    topic_factory: Callable[..., str], kafka_bootstrap: str, consume_all: Callable[..., list[InRecord]],
-    monkeypatch: pytest.MonkeyPatch,
+    backlog_of: Callable[[int], tuple[str, str]], kafka_bootstrap: str,
+    consume_all: Callable[..., list[InRecord]],
 ) -> None:
     """Cycles slower than `align_max_pause_ms` and records held past a small bound: no partition runs ahead.
 
@@ -363,26 +364,12 @@ async def test_a_backlog_under_slow_cycles_stays_aligned_batch_by_batch(
     batch could be one partition's records alone (25 ms of event time each): the partitions drifted
     seconds apart. With the batch shared by event time every batch moves them together.
     """
-    monkeypatch.setenv("DATA_PROC_AUDIT_ENABLED", "false")
-    source, sink = topic_factory("align-in", 3), topic_factory("align-out", 1)
     per_partition = 300
-    producer = Producer({"bootstrap.servers": kafka_bootstrap, "linger.ms": 20})
-    for i in range(per_partition):
-        for partition, step in STEP_NS.items():
-            producer.produce(source, b"%d" % (BASE_NS + i * step), b"K%d" % partition, partition=partition)
-    assert producer.flush(30) == 0
+    source, sink = backlog_of(per_partition)
     settings = _settings(kafka_bootstrap, BOUND_MS, align_max_pause_ms=100, align_hold_records=30)
-    processor = SlowCycles(sink)
-    loop = KafkaLoop(settings, processor, input_topics=[source], metrics=ServiceMetrics("aligntest"))
-    stop = asyncio.Event()
-    task = asyncio.create_task(loop.run(stop))
-    try:
-        outputs = await asyncio.to_thread(consume_all, [sink], expected=3 * per_partition, timeout=120)
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 60)
-    seen = [tuple(int(x) for x in (rec.value or b"").split(b":")[:2]) for rec in outputs]
-    assert sorted(seen) == [(p, o) for p in STEP_NS for o in range(per_partition)]
+    outputs, _ = await _drain(settings, SlowCycles(sink), source, consume_all, sink,
+                              per_partition=per_partition)
+    _assert_exactly_once(outputs, per_partition)
     lateness, where = _lateness(outputs)
     # within the bound: no batch of the slowest partition's records alone (20 x 25 ms), no drift
     assert lateness < BOUND_MS * 1_000_000, where
