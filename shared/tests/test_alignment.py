@@ -290,3 +290,27 @@ def test_a_quota_keeps_a_partitions_records_past_its_share() -> None:
     released = held.release(set(), 10, nxt)
     assert [(r.partition, r.offset) for r in released] == [(0, 2), (1, 0), (2, 0)]
     assert nxt.room(A) == 4
+
+
+def test_a_batch_within_every_share_stays_whole_and_one_past_a_share_is_cut() -> None:
+    al = Alignment(max_ahead_ns=S, max_pause_ns=10 * S)
+    # live: A and B at about the same event time, 1 ms of event time per record each
+    al.report({A: 0, B: 0}, {A: 0, B: 0})
+    al.report({A: S, B: S}, {A: 1000, B: 1000})
+    al.decide({A, B}, 0)
+    assert al.quotas(100) == {A: 50, B: 50}
+    al.shared_batches = 0
+    # 30 records of each: the shares (50 each) would not change the batch
+    assert al.cut(100, {A: 1001, B: 1001}, {A: 1030, B: 1030}) is None
+    # a partition not waiting has no share; one record of A past its share
+    assert al.cut(100, {A: 1001, C: 7}, {A: 1001, C: 7}) == {A: 50, B: 50}
+    assert al.cut(100, {A: 1001}, {A: 1051}) == {A: 50, B: 50}
+    assert al.cut(100, {A: 1001}, {A: 1050}) is None
+    assert (al.whole_batches, al.shared_batches) == (2, 2)
+    # B a second ahead: it has no share at all, any record of it makes a cut
+    al.report({B: 2 * S}, {B: 2000})
+    assert al.cut(100, {B: 2001}, {B: 2001}) == {A: 100, B: 0}
+    # fewer than two partitions waiting: the holds decide, nothing to cut and nothing counted
+    al.decide({A}, 1)
+    assert al.cut(100, {A: 1001}, {A: 1900}) is None
+    assert (al.whole_batches, al.shared_batches) == (2, 3)

@@ -10,6 +10,7 @@ time seen on it; a record behind it by more than the allowed lateness would be a
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import Callable
 
@@ -125,12 +126,18 @@ def _settings(bootstrap: str, align_ms: int, group: str | None = None, **loop: i
 
 async def _drain(settings: Settings, processor: MergingProcessor, source: str,
                  consume_all: Callable[..., list[InRecord]], sink: str, loop: KafkaLoop | None = None,
-                 per_partition: int = PER_PARTITION) -> tuple[list[InRecord], KafkaLoop]:
-    """Run `loop` (default: a new one with `processor`) until the sink has every record, then stop it."""
+                 per_partition: int = PER_PARTITION,
+                 feed: Callable[[], None] | None = None) -> tuple[list[InRecord], KafkaLoop]:
+    """Run `loop` (default: a new one with `processor`) until the sink has every record, then stop it.
+
+    `feed` (in a thread, while the loop runs) produces records to `source`.
+    """
     loop = loop or KafkaLoop(settings, processor, input_topics=[source], metrics=ServiceMetrics("aligntest"))
     stop = asyncio.Event()
     task = asyncio.create_task(loop.run(stop))
     try:
+        if feed is not None:
+            await asyncio.to_thread(feed)
         outputs = await asyncio.to_thread(consume_all, [sink], expected=3 * per_partition, timeout=120)
     finally:
         stop.set()
@@ -373,3 +380,53 @@ async def test_a_backlog_under_slow_cycles_stays_aligned_batch_by_batch(
     lateness, where = _lateness(outputs)
     # within the bound: no batch of the slowest partition's records alone (20 x 25 ms), no drift
     assert lateness < BOUND_MS * 1_000_000, where
+
+
+def _produce_live(bootstrap: str, topic: str, per_partition: int, interval_s: float = 0.01) -> None:
+    """One record on each of the three partitions every `interval_s`, event time = base + i x 10 ms."""
+    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 0})
+    for i in range(per_partition):
+        for partition in STEP_NS:
+            value = b"%d" % (BASE_NS + i * 10_000_000)
+            producer.produce(topic, value, b"K%d" % partition, partition=partition)
+        producer.poll(0)
+        time.sleep(interval_s)
+    assert producer.flush(30) == 0
+
+
+async def test_a_live_feed_is_taken_in_whole_batches_and_the_alignment_counts_are_exported(
+    topic_factory: Callable[..., str], kafka_bootstrap: str, consume_all: Callable[..., list[InRecord]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Records arriving live on three partitions at one event-time rate, 20 ms per batch.
+
+    Records of two or more partitions wait after most cycles, but every batch holds every record
+    fetched, far below the shares: it is taken whole, without the held-record path. The counts of
+    `Alignment` and `HeldRecords` are the exported `dp_alignment_*` metrics.
+    """
+    monkeypatch.setenv("DATA_PROC_AUDIT_ENABLED", "false")
+    source, sink = topic_factory("align-in", 3), topic_factory("align-out", 1)
+    per_partition = 200
+    processor = SlowMerging(sink)
+    outputs, loop = await _drain(_settings(kafka_bootstrap, BOUND_MS), processor, source, consume_all, sink,
+                                 per_partition=per_partition,
+                                 feed=lambda: _produce_live(kafka_bootstrap, source, per_partition))
+    _assert_exactly_once(outputs, per_partition)
+    alignment, held = loop._alignment, loop._held
+    assert alignment is not None
+    assert held is not None
+    counts = (alignment.whole_batches, alignment.shared_batches)
+    assert counts[0] > counts[1], counts
+    metrics = loop._metrics._m
+
+    def exported(name: str) -> float | None:
+        return metrics.registry.get_sample_value(name, {"service": "aligntest"})
+
+    assert exported("dp_alignment_whole_batches_total") == alignment.whole_batches
+    assert exported("dp_alignment_shared_batches_total") == alignment.shared_batches
+    assert exported("dp_alignment_pauses_total") == alignment.pauses
+    assert exported("dp_alignment_guard_resumes_total") == alignment.guard_resumes
+    assert exported("dp_alignment_client_pauses_total") == held.client_pauses == 0
+    assert exported("dp_alignment_held_records") == len(held)
+    lateness, where = _lateness(outputs)
+    assert lateness <= BOUND_MS * 1_000_000, where

@@ -82,6 +82,19 @@ class ServiceMetrics:
         self.alignment_pauses = c(
             "dp_alignment_pauses_total", "Input partitions paused by event-time alignment (each pause)."
         )
+        self.alignment_guard_resumes = c(
+            "dp_alignment_guard_resumes_total", "Alignment holds ended by the starvation guard.")
+        self.alignment_shared_batches = c(
+            "dp_alignment_shared_batches_total",
+            "Batches built to or cut to the event-time alignment's shares of the waiting partitions.")
+        self.alignment_whole_batches = c(
+            "dp_alignment_whole_batches_total",
+            "Batches with two or more input partitions waiting taken whole (each within its share).")
+        self.alignment_held_records = g(
+            "dp_alignment_held_records", "Input records kept back by event-time alignment.")
+        self.alignment_client_pauses = c(
+            "dp_alignment_client_pauses_total",
+            "Input partitions paused in the Kafka client because the records held of them passed the bound.")
         self.audit_queue_depth = g("dp_audit_queue_depth", "Audit events waiting.")
         self.audit_dropped = c("dp_audit_dropped_total", "Audit events dropped because the queue was full.")
         self.audit_written = c("dp_audit_written_total", "Audit events written per sink.", ["sink"])

@@ -31,7 +31,9 @@ decide instead of the holds. Without them a batch could be a single partition's 
 librdkafka or the held records hand out first, or the frontier partition alone while the others
 were held): a partition with few records per second of event time jumped minutes ahead in one
 batch, and its output stopped for as long as the others needed to catch up (in a drain, long
-enough for a downstream idle timer to close its windows; the rest of them then arrived late).
+enough for a downstream idle timer to close its windows; the rest of them then arrived late). While
+nothing is held, the loop consumes a batch as usual and asks `cut` whether it breaks a share: only
+then is it cut (with a live feed a batch holds every record fetched and stays whole).
 
 Holding a partition does not pause it in the client: pausing makes librdkafka purge the records it
 has prefetched for the partition, and resuming fetches them again (in a drain this cost a quarter of
@@ -128,8 +130,10 @@ class Alignment:
         self._last: dict[TP, tuple[int, int]] = {}
         self.pauses = 0
         self.guard_resumes = 0
-        #: Batches shared between the waiting partitions (`quotas`).
+        #: Batches built to the shares (`quotas`) or cut to them (`cut`).
         self.shared_batches = 0
+        #: Batches with two or more partitions waiting taken whole: within every share (`cut`).
+        self.whole_batches = 0
 
     def report(self, event_ns: Mapping[TP, int], offsets: Mapping[TP, int] | None = None) -> None:
         """The event times the partitions reached with the last processed batch (and its last offsets)."""
@@ -158,10 +162,31 @@ class Alignment:
         about the same event time, whatever their record rates. Until every waiting partition has
         an event time and one of them an estimate (the first batches), the shares are equal.
         """
-        waiting = self.waiting
-        if len(waiting) < 2:
+        if len(self.waiting) < 2:
             return None
         self.shared_batches += 1
+        return self._shares(size)
+
+    def cut(self, size: int, first: Mapping[TP, int], last: Mapping[TP, int]) -> dict[TP, int] | None:
+        """The shares a batch consumed whole must be cut to; None when they would not change it.
+
+        `first`/`last` are the batch's first and last offset per partition (their difference + 1
+        bounds its records of the partition). None also with fewer than two partitions waiting. A
+        batch within every share counts in `whole_batches` (with a live feed most batches: they
+        hold every record fetched, far below the level), one to cut in `shared_batches`.
+        """
+        if len(self.waiting) < 2:
+            return None
+        shares = self._shares(size)
+        if all(end - first[tp] < shares.get(tp, 0) for tp, end in last.items()):
+            self.whole_batches += 1
+            return None
+        self.shared_batches += 1
+        return shares
+
+    def _shares(self, size: int) -> dict[TP, int]:
+        """`quotas` of two or more waiting partitions (nothing counted)."""
+        waiting = self.waiting
         known = [self.step_ns[tp] for tp in waiting if self.step_ns.get(tp)]
         if not known or any(tp not in self.event_ns for tp in waiting):
             share = max(1, size // len(waiting))

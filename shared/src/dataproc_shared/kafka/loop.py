@@ -745,6 +745,11 @@ class KafkaLoop:
                 await self._handle_rebalance(msgs)
                 return
             batch = self._to_batch(msgs)
+            if batch.records and self._alignment is not None and len(self._alignment.waiting) > 1:
+                batch, seen = self._cut_to_shares(consumer, batch, len(msgs))
+                if self._events:
+                    await self._handle_rebalance([], seen)
+                    return
         result = BatchResult()
         if batch.records:
             self._metrics.consumed(batch.records)
@@ -1359,37 +1364,31 @@ class KafkaLoop:
         if alignment is None:
             return
         alignment.report(reached, offsets)
-        if self._events or not alignment.needs_check(self._assigned):
-            return
-        await asyncio.to_thread(self._apply_alignment, alignment)
+        if not self._events and alignment.needs_check(self._assigned):
+            await asyncio.to_thread(self._apply_alignment, alignment)
+        self._metrics.alignment(alignment, self._held)
 
     def _apply_alignment(self, alignment: Alignment) -> None:
         decision = alignment.decide(self._waiting(), time.monotonic_ns())
         if decision.pause or decision.resume:
-            self._metrics.alignment(len(alignment.paused), len(decision.pause))
             log.debug("alignment", service=self._service, held=sorted(decision.pause),
                       released=sorted(decision.resume))
 
     def _holding(self) -> bool:
-        """Whether the cycle uses `_consume_aligned`.
+        """Whether the cycle uses `_consume_aligned`: while the alignment holds partitions or records.
 
-        It does while the alignment holds partitions or records, or shares batches between the
-        partitions with records waiting.
+        Shares alone (two or more partitions waiting, nothing held) do not need it: the batch is
+        consumed as usual and cut to the shares only where it breaks one (`_cut_to_shares`).
         """
         alignment, held = self._alignment, self._held
-        return alignment is not None and held is not None and (
-            bool(alignment.paused) or held.active() or len(alignment.waiting) > 1)
+        return alignment is not None and held is not None and (bool(alignment.paused) or held.active())
 
     def _consume_aligned(self, consumer: Consumer) -> tuple[_Batch, dict[TP, int]]:
-        """The cycle's input while the alignment holds partitions or shares batches (worker thread).
+        """The cycle's input while the alignment holds partitions or records (worker thread).
 
-        First the held records of released partitions (up to `batch_size`), then consumed records;
-        those of held partitions, of partitions with earlier records still held and of partitions
-        past their share of the batch (`Alignment.quotas`, while two or more have records waiting)
-        are kept in `HeldRecords`. While the batch is not full and the consumer handed out all that was asked
-        for, it is asked again without waiting, so held records do not shrink the batch. A partition
-        whose held records pass the bound is paused in the client (at once, so its prefetch stops
-        filling the buffer) and resumed once they are below half of it.
+        First the held records of released partitions (up to `batch_size`), then consumed records
+        (`_fill`). With two or more partitions waiting the batch is built to their shares
+        (`Alignment.quotas`): the partitions without one are held, whatever the holds say.
 
         Returns the batch and, per partition, the first offset the cycle took out of the consumer
         or the held records (for `_handle_rebalance` when a consume call served a rebalance).
@@ -1400,13 +1399,54 @@ class KafkaLoop:
         size = self._opts.batch_size
         quotas = alignment.quotas(size)
         quota = Quota(quotas) if quotas else None
-        # with shares the partitions without one are held, whatever the holds say
         holding: Collection[TP] = quota.closed() if quota is not None else alignment.paused
         records = held.release(holding, size, quota)
         seen: dict[TP, int] = {}
         for rec in records:
             seen.setdefault((rec.topic, rec.partition), rec.offset)
-        timeout = 0.0 if records else self._opts.batch_timeout_ms / 1000
+        self._fill(consumer, held, records, seen, holding, quota,
+                   0.0 if records else self._opts.batch_timeout_ms / 1000)
+        self._apply_hold_bounds(consumer, held)
+        return _Batch.of(records), seen
+
+    def _cut_to_shares(self, consumer: Consumer, batch: _Batch,
+                       consumed: int) -> tuple[_Batch, dict[TP, int]]:
+        """A batch consumed as usual while two or more partitions wait, cut to their shares where needed.
+
+        Within every share (`Alignment.cut`; with a live feed the common case: the batch holds every
+        record fetched) it stays as it is, which is what building it to the shares would give. Else
+        the records past a partition's share go to `HeldRecords` and, when the consumer handed out
+        all that was asked for (`consumed` messages), the batch is filled up without waiting, as
+        `_consume_aligned` does. Returns the batch and the first offset taken per partition.
+        """
+        alignment, held = self._alignment, self._held
+        if alignment is None or held is None:
+            return batch, {}
+        size = self._opts.batch_size
+        quotas = alignment.cut(size, batch.first, batch.last)
+        if quotas is None:
+            return batch, {}
+        quota = Quota(quotas)
+        holding = quota.closed()
+        seen = dict(batch.first)
+        records = held.route(batch.records, holding, quota)
+        if consumed >= size:
+            self._fill(consumer, held, records, seen, holding, quota, 0.0)
+        self._apply_hold_bounds(consumer, held)
+        return _Batch.of(records), seen
+
+    def _fill(self, consumer: Consumer, held: HeldRecords, records: list[InRecord], seen: dict[TP, int],
+              holding: Collection[TP], quota: Quota | None, timeout: float) -> None:
+        """Consume into `records` up to `batch_size`, keeping back in `held` what must wait.
+
+        Kept: records of `holding`, of partitions with earlier records held, past their `quota`.
+        `timeout` is the wait for the first record (0: none). While the batch is not full and the
+        consumer handed out all that was asked for, it is asked again without waiting, so held
+        records do not shrink the batch. A partition whose held records pass the bound is paused in
+        the client (at once, so its prefetch stops filling the buffer) and resumed once they are
+        below half of it. `seen` gets the first offset consumed per partition.
+        """
+        size = self._opts.batch_size
         while len(records) < size and not self._events:
             want = 1 if timeout else size - len(records)
             msgs: list[Message] = consumer.consume(want, timeout)
@@ -1418,8 +1458,6 @@ class KafkaLoop:
             self._apply_hold_bounds(consumer, held)
             if len(msgs) < want:
                 break
-        self._apply_hold_bounds(consumer, held)
-        return _Batch.of(records), seen
 
     def _apply_hold_bounds(self, consumer: Consumer, held: HeldRecords) -> None:
         pause, resume = held.bound_changes()
@@ -1490,7 +1528,7 @@ class KafkaLoop:
                 self._held.forget(parts)
             for tp in parts:
                 self._align_start.pop(tp, None)
-            self._metrics.alignment(len(self._alignment.paused), 0)
+            self._metrics.alignment(self._alignment, self._held)
 
     def _rewound_alignment(self) -> None:
         """After a rewind to the committed offsets: the held records are dropped (they are read again).
@@ -1617,6 +1655,14 @@ class _Metrics:
         self._ingest = m.child(m.ingest_latency)
         self._event = m.child(m.event_latency)
         self._heartbeat = m.child(m.loop_last_tick)
+        self._align_paused = m.child(m.alignment_paused)
+        self._align_held = m.child(m.alignment_held_records)
+        self._align_counters = {
+            "pauses": m.child(m.alignment_pauses), "guard_resumes": m.child(m.alignment_guard_resumes),
+            "shared": m.child(m.alignment_shared_batches), "whole": m.child(m.alignment_whole_batches),
+            "client_pauses": m.child(m.alignment_client_pauses)}
+        #: the values last exported of `Alignment`'s and `HeldRecords`' counts
+        self._align_seen: dict[str, int] = {}
         self._in: dict[str, Any] = {}
         self._out: dict[str, Any] = {}
 
@@ -1674,11 +1720,21 @@ class _Metrics:
     def rebalance(self, kind: str) -> None:
         self._m.record_rebalance(kind)
 
-    def alignment(self, paused: int, new_pauses: int) -> None:
-        m = self._m
-        m.child(m.alignment_paused).set(paused)
-        if new_pauses:
-            m.child(m.alignment_pauses).inc(new_pauses)
+    def alignment(self, alignment: Alignment, held: HeldRecords | None) -> None:
+        """The alignment's state and counts (`dp_alignment_*`): gauges set, counters advanced."""
+        seen = self._align_seen
+        counts = (("pauses", alignment.pauses), ("guard_resumes", alignment.guard_resumes),
+                  ("shared", alignment.shared_batches), ("whole", alignment.whole_batches),
+                  ("client_pauses", held.client_pauses if held is not None else 0))
+        for name, value in counts:
+            if value != seen.get(name, 0):
+                self._align_counters[name].inc(value - seen.get(name, 0))
+                seen[name] = value
+        paused, held_records = len(alignment.paused), len(held) if held is not None else 0
+        if (paused, held_records) != (seen.get("paused"), seen.get("held")):
+            self._align_paused.set(paused)
+            self._align_held.set(held_records)
+            seen["paused"], seen["held"] = paused, held_records
 
     def lag(self, topic: str, partition: int, lag: int) -> None:
         self._m.set_lag(topic, partition, lag)
