@@ -198,40 +198,58 @@ async def test_alignment_keeps_every_record_within_the_bound_exactly_once_across
     assert lateness <= BOUND_MS * 1_000_000 + slack, (lateness, slack, where)
 
 
-async def test_alignment_keeps_exactly_once_when_a_second_instance_joins_and_leaves(
-    backlog: tuple[str, str], kafka_bootstrap: str, consume_all: Callable[..., list[InRecord]],
-) -> None:
-    source, sink = backlog
+def _two_instances(bootstrap: str, source: str, sink: str) -> tuple[KafkaLoop, KafkaLoop]:
+    """Two loops of one consumer group; 20 ms per batch, so that the first does not drain the backlog
+    before the second took part."""
     group = f"align-{uuid.uuid4().hex}"
 
     def loop() -> KafkaLoop:
-        settings = _settings(kafka_bootstrap, BOUND_MS, group, session_timeout_ms=6_000)
-        # 20 ms per batch: the first instance must not drain the backlog before the second took part
-        return KafkaLoop(settings, SlowMerging(sink), input_topics=[source],
-                         metrics=ServiceMetrics("aligntest"))
+        settings = _settings(bootstrap, BOUND_MS, group, session_timeout_ms=6_000)
+        metrics = ServiceMetrics("aligntest")
+        return KafkaLoop(settings, SlowMerging(sink), input_topics=[source], metrics=metrics)
 
-    first, second = loop(), loop()
+    return loop(), loop()
+
+
+async def _join_and_leave(first: KafkaLoop, second: KafkaLoop, sink: str,
+                          consume_all: Callable[..., list[InRecord]], join_when: Callable[[], bool],
+                          leave_when: Callable[[], bool], stay_s: float) -> list[InRecord]:
+    """Run `first`; once `join_when()`, `second` joins and, once it has partitions, stays until
+    `leave_when()` or for `stay_s` at most, then leaves. The sink's records once all are there."""
+    clock = asyncio.get_running_loop().time
     stop_first, stop_second = asyncio.Event(), asyncio.Event()
     task_first = asyncio.create_task(first.run(stop_first))
     try:
-        while first.committed_cycles < 30:
-            await asyncio.sleep(0.05)
+        deadline = clock() + 60
+        while not join_when():
+            assert clock() < deadline, "the moment for the second instance to join never came"
+            await asyncio.sleep(0.01)
         task_second = asyncio.create_task(second.run(stop_second))
-        deadline = asyncio.get_running_loop().time() + 60
+        deadline = clock() + 60
         while not second.assigned:
-            assert asyncio.get_running_loop().time() < deadline, "the second instance never got partitions"
+            assert clock() < deadline, "the second instance never got partitions"
             await asyncio.sleep(0.05)
-        # 20 cycles of its own, unless the first instance had already processed its partitions
-        deadline = asyncio.get_running_loop().time() + 5
-        while second.committed_cycles < 20 and asyncio.get_running_loop().time() < deadline:
+        deadline = clock() + stay_s
+        while not leave_when() and clock() < deadline:
             await asyncio.sleep(0.05)
         stop_second.set()
         await asyncio.wait_for(task_second, 60)
-        outputs = await asyncio.to_thread(consume_all, [sink], expected=3 * PER_PARTITION, timeout=120)
+        return await asyncio.to_thread(consume_all, [sink], expected=3 * PER_PARTITION, timeout=120)
     finally:
         stop_first.set()
         stop_second.set()
         await asyncio.wait_for(task_first, 60)
+
+
+async def test_alignment_keeps_exactly_once_when_a_second_instance_joins_and_leaves(
+    backlog: tuple[str, str], kafka_bootstrap: str, consume_all: Callable[..., list[InRecord]],
+) -> None:
+    source, sink = backlog
+    first, second = _two_instances(kafka_bootstrap, source, sink)
+    # 20 cycles of its own, unless the first instance had already processed its partitions
+    outputs = await _join_and_leave(first, second, sink, consume_all,
+                                    join_when=lambda: first.committed_cycles >= 30,
+                                    leave_when=lambda: second.committed_cycles >= 20, stay_s=5.0)
     _assert_exactly_once(outputs)
     alignment = first._alignment
     assert alignment is not None
@@ -302,14 +320,7 @@ async def test_held_records_are_read_again_after_a_rebalance_exactly_once(
 ) -> None:
     """A second instance joins and leaves while the first holds records: nothing lost, nothing twice."""
     source, sink = backlog
-    group = f"align-{uuid.uuid4().hex}"
-
-    def settings() -> Settings:
-        return _settings(kafka_bootstrap, BOUND_MS, group, session_timeout_ms=6_000)
-
-    metrics = ServiceMetrics("aligntest")
-    first = KafkaLoop(settings(), SlowMerging(sink), input_topics=[source], metrics=metrics)
-    second = KafkaLoop(settings(), SlowMerging(sink), input_topics=[source], metrics=metrics)
+    first, second = _two_instances(kafka_bootstrap, source, sink)
     dropped: list[int] = []
     drop_held = first._drop_held
 
@@ -327,25 +338,10 @@ async def test_held_records_are_read_again_after_a_rebalance_exactly_once(
 
     monkeypatch.setattr(first, "_drop_held", spy)
     monkeypatch.setattr(first, "_rewound_alignment", spy_rewound)
-    stop_first, stop_second = asyncio.Event(), asyncio.Event()
-    task_first = asyncio.create_task(first.run(stop_first))
-    try:
-        deadline = asyncio.get_running_loop().time() + 60
-        while first.committed_cycles < 10 or first._held is None or len(first._held) == 0:
-            assert asyncio.get_running_loop().time() < deadline, "the first instance never held records"
-            await asyncio.sleep(0.01)
-        task_second = asyncio.create_task(second.run(stop_second))
-        while not second.assigned:
-            assert asyncio.get_running_loop().time() < deadline + 60, "the second one never got partitions"
-            await asyncio.sleep(0.05)
-        await asyncio.sleep(1.0)
-        stop_second.set()
-        await asyncio.wait_for(task_second, 60)
-        outputs = await asyncio.to_thread(consume_all, [sink], expected=3 * PER_PARTITION, timeout=120)
-    finally:
-        stop_first.set()
-        stop_second.set()
-        await asyncio.wait_for(task_first, 60)
+    outputs = await _join_and_leave(
+        first, second, sink, consume_all,
+        join_when=lambda: first.committed_cycles >= 10 and first._held is not None and len(first._held) > 0,
+        leave_when=lambda: False, stay_s=1.0)
     _assert_exactly_once(outputs)
     assert len(dropped) >= 2  # the first instance saw the join and the leave
     # Whether records were held at the moment the partitions moved depends on timing (the spies record
