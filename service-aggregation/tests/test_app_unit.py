@@ -119,3 +119,22 @@ async def test_idle_timer_closes_ended_windows_and_counts_the_open_ones() -> Non
     assert [avro.decode(o.value or b"", "bar")["interval"] for o in res.outputs] == ["1h"]
     assert sample("dp_idle_closed_windows_total", interval="1h") == 1
     assert sample("dp_idle_open_windows") == 0
+
+
+def test_default_update_cadences_follow_the_configured_intervals() -> None:
+    # unset: 5m every 5 s and 1h every 15 s, the rest at update_interval_ms
+    assert AggregationOptions().update_cadences_ms() == {"1m": 1000, "5m": 5000, "1h": 15000}
+    # intervals without a default cadence take update_interval_ms; no error for the defaults' names
+    assert AggregationOptions(intervals=("1m", "15m")).update_cadences_ms() == {"1m": 1000, "15m": 1000}
+    assert AggregationOptions(intervals=("1m", "5m"), update_interval_ms=200).update_cadences_ms() == {
+        "1m": 200, "5m": 5000}
+    # a slower general cadence is never made faster by the defaults
+    assert AggregationOptions(update_interval_ms=30_000).update_cadences_ms() == {
+        "1m": 30_000, "5m": 30_000, "1h": 30_000}
+    # set explicitly (even empty) it replaces the defaults
+    assert AggregationOptions(update_intervals_ms={}).update_cadences_ms() == {
+        "1m": 1000, "5m": 1000, "1h": 1000}
+    assert AggregationOptions(update_intervals_ms={"1h": 60_000}).update_cadences_ms() == {
+        "1m": 1000, "5m": 1000, "1h": 60_000}
+    config = AggregationOptions().window_config()
+    assert [config.update_every_ns(n) for n in ("1m", "5m", "1h")] == [NS_PER_S, 5 * NS_PER_S, 15 * NS_PER_S]

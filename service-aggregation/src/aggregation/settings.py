@@ -10,6 +10,12 @@ from pydantic_settings import NoDecode
 
 from aggregation.transform import ChangelogFormat, Interval, WindowConfig
 
+#: Update cadence (ms) of the open bars of these intervals while `update_intervals_ms` is unset: an
+#: open 5-minute bar is at most 5 s old in Redis and ClickHouse, an open hourly bar at most 15 s
+#: (plus the pipeline's latency); other intervals follow `update_interval_ms`. At 1 s the 5m and 1h
+#: updates are two thirds of all updates; these cadences halve them (docs/benchmarks.md, round 5).
+DEFAULT_UPDATE_INTERVALS_MS: dict[str, int] = {"5m": 5_000, "1h": 15_000}
+
 
 class AggregationOptions(BaseModel):
     """Bars and the service's extra duties (`DATA_PROC_AGGREGATION__...`, YAML section `aggregation:`)."""
@@ -31,8 +37,10 @@ class AggregationOptions(BaseModel):
     #: together), hence at most this often per bar; 0 = every cycle.
     update_interval_ms: int = Field(default=1_000, ge=0, le=3_600_000)
     #: Per bar interval, another update cadence than `update_interval_ms` (ms), e.g.
-    #: `{"1h": 15000}`; intervals not named use `update_interval_ms`.
-    update_intervals_ms: dict[str, Annotated[int, Field(ge=0, le=3_600_000)]] = {}
+    #: `{"1h": 15000}`; intervals not named use `update_interval_ms`. Unset: the cadences of
+    #: `DEFAULT_UPDATE_INTERVALS_MS` for the configured intervals among them (never faster than
+    #: `update_interval_ms`); `{}`: every interval at `update_interval_ms`.
+    update_intervals_ms: dict[str, Annotated[int, Field(ge=0, le=3_600_000)]] | None = None
     #: How the open windows are written to the state changelog: `instrument` (one entry per
     #: instrument) or `window` (one per window, the format before; for a staged upgrade, see
     #: docs/runtime.md). Both are read whatever this says.
@@ -66,17 +74,27 @@ class AggregationOptions(BaseModel):
 
     @field_validator("update_intervals_ms")
     @classmethod
-    def _update_intervals_known(cls, value: dict[str, int], info: ValidationInfo) -> dict[str, int]:
+    def _update_intervals_known(cls, value: dict[str, int] | None, info: ValidationInfo
+                                ) -> dict[str, int] | None:
         intervals = info.data.get("intervals")
-        unknown = sorted(set(value) - set(intervals or ()))
+        unknown = sorted(set(value or ()) - set(intervals or ()))
         if intervals is not None and unknown:
             raise ValueError(f"names {unknown}, which are not among the intervals {list(intervals)}")
         return value
 
+    def update_cadences_ms(self) -> dict[str, int]:
+        """The update cadence (ms) of every configured interval."""
+        if self.update_intervals_ms is not None:
+            named = self.update_intervals_ms
+        else:
+            named = {name: max(self.update_interval_ms, ms)
+                     for name, ms in DEFAULT_UPDATE_INTERVALS_MS.items() if name in self.intervals}
+        return {name: named.get(name, self.update_interval_ms) for name in self.intervals}
+
     def window_config(self) -> WindowConfig:
         """The windowing core's configuration."""
         return WindowConfig.from_names(self.intervals, self.allowed_lateness_ms, self.idle_timeout_ms,
-                                       self.update_interval_ms, self.update_intervals_ms)
+                                       self.update_interval_ms, self.update_cadences_ms())
 
 
 class AggregationSettings(Settings):
